@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from raydistill.config.base import Section
 
 
 class EngineConfig(Section):
-    backend: Literal["transformers", "vllm", "openai", "scripted"] = "transformers"
+    backend: str = "transformers"
+    """Engine backend: transformers, vllm, openai, scripted - any module `raydistill/engines/<backend>.py`."""
     model: str = "tiny:qwen2-tiny"
     """HF repo id, local checkpoint dir, or `tiny:<name>` (built locally by raydistill.models.tiny)."""
     tokenizer: str | None = None
@@ -27,9 +28,21 @@ class EngineConfig(Section):
     lora_adapter: str | None = None
     """PEFT adapter dir applied on top of `model` (vLLM LoRA by name; merged/peft on transformers)."""
     max_lora_rank: int = 64
+    enforce_eager: bool = False
+    """vLLM: skip CUDA graph capture (faster start, slower decode)."""
+    engine_kwargs: dict[str, Any] = {}
+    """vLLM: extra AsyncEngineArgs fields, passed through verbatim."""
     # transformers
     max_batch_size: int = Field(16, ge=1)
-    """transformers backend: most concurrent requests decoded together in one batch."""
+    """transformers backend: most concurrent sequences (requests x n) decoded together in one batch."""
+    cpu_threads: int = Field(0, ge=0)
+    """transformers backend: torch intra-op threads for generation (0 = torch's default). On a shared, busy
+    machine 1 thread can be several times faster than oversubscribed ones."""
+    batch_wait_ms: float = Field(2.0, ge=0)
+    """transformers backend: how long the batcher waits for more requests before starting a batch."""
+    # scripted
+    script: list[str] = []
+    """scripted backend: the texts to return, in order, cycling (tests and demos)."""
     # openai
     base_url: str | None = None
     api_key_env: str | None = None
@@ -40,3 +53,12 @@ class EngineConfig(Section):
     # resources on Ray
     num_gpus: float = Field(0, ge=0)
     num_cpus: float = Field(0.25, ge=0)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from raydistill.engines.base import available_backends, backend_exists
+
+        if not backend_exists(v):
+            raise ValueError(f"unknown engine backend {v!r}; available: {', '.join(available_backends())}")
+        return v

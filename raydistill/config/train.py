@@ -31,15 +31,31 @@ class TrainConfig(Section):
     lr: float = Field(2e-4, gt=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = 0.0
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Gradient-norm clipping; 0 turns it off."""
     bf16: bool = True
     """bf16 on GPU; CPU runs use float32."""
     gradient_checkpointing: bool = False
     packing: bool = True
+    """Pack samples into rows of <= max_tokens_per_batch tokens (attention kept inside each sample);
+    off: length-sorted micro-batches of micro_batch_size samples, padded."""
     max_tokens_per_batch: int = Field(16_384, ge=64)
+    """Packed row length per micro-batch (per worker); must be >= the longest SFT sample."""
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa_varlen", "sdpa", "flex_attention", "eager"] = "auto"
+    """auto: flash_attention_2 (varlen) on GPU when flash_attn is installed, else sdpa_varlen (one SDPA call per
+    packed sample), or sdpa without packing."""
+    shuffle_buffer: int = Field(256, ge=0)
+    """Rows in each worker's local shuffle buffer (per-epoch seed); 0 keeps file order."""
     lora: LoraConfig = LoraConfig()
     storage_path: str | None = None
-    """Checkpoint storage (local dir or cloud URI); default `<run_dir>/train`."""
+    """Checkpoint storage (local dir or what Ray Train accepts, e.g. s3://...); default `<run_dir>/train/<kind>`
+    (checkpoints in its `checkpoints/`); with a custom path each kind gets `<run_dir name>-<kind>/` under it."""
     num_to_keep: int = Field(2, ge=1)
     checkpoint_every_steps: int = Field(50, ge=1)
+    max_failures: int = Field(0, ge=-1)
+    """Ray Train worker-group restarts (from the last checkpoint) before giving up; -1 = unlimited."""
     merge: bool = False
+    """Also write `<run_dir>/train/<kind>/merged`: base + adapter merged into plain weights."""
     max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps; the LR schedule still spans `epochs` (so a later run with a higher
+    cap resumes on the same schedule)."""

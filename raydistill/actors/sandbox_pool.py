@@ -1,0 +1,220 @@
+"""Sandboxes on Ray: a pool of `SandboxHost` actors on CPU nodes, each holding many sandboxes.
+
+    pool = SandboxPool(cfg.sandbox)                      # N actors, fractional num_cpus each
+    sb = await pool.create(tools={"web_search": tool})   # a handle; picklable, usable from any worker
+    r = await sb.arun("x = 1\\nx + 1"); child = await sb.afork(); await sb.aclose()
+
+Sticky: a handle names its actor, and every call (and every fork, which lives next to its parent's
+state) goes to that actor. Tools run in the actor process, outside the sandbox: pass plain callables
+(sync or async), Ray actor methods (`retriever.search`), or `RayActorTool(handle, "method")`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ray
+
+from raydistill.config.sandbox import SandboxConfig
+from raydistill.sandbox import Result, Sandbox, SandboxError, make_config
+
+log = logging.getLogger(__name__)
+
+
+class RayActorTool:
+    """A picklable tool that calls `handle.<method>.remote(...)` and awaits the result (never blocks)."""
+
+    def __init__(self, handle: Any, method: str):
+        self.handle = handle
+        self.method = method
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return await getattr(self.handle, self.method).remote(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"RayActorTool({self.method})"
+
+
+def _adapt_tool(fn: Any) -> Callable:
+    """Ray remote functions / actor methods become awaiting callables; everything else is used as is."""
+    if callable(fn) and not hasattr(fn, "remote"):
+        return fn
+    if hasattr(fn, "remote"):
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await fn.remote(*args, **kwargs)
+
+        return call
+    raise TypeError(f"tool {fn!r} is neither callable nor a Ray remote method")
+
+
+@ray.remote(max_restarts=3)
+class SandboxHost:
+    """Holds sandboxes by id; every method is async so one actor serves hundreds of episodes at once."""
+
+    def __init__(self, config: dict):
+        self.cfg = SandboxConfig.model_validate(config)
+        self.boxes: dict[str, Sandbox] = {}
+        self.last_used: dict[str, float] = {}
+        self._slots: asyncio.Semaphore | None = None
+        self._reaper: asyncio.Task | None = None
+
+    def _ensure_loop_state(self) -> None:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.cfg.pool.max_sandboxes_per_actor)
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
+
+    def _get(self, sid: str) -> Sandbox:
+        sb = self.boxes.get(sid)
+        if sb is None:
+            raise SandboxError(f"sandbox {sid} is not on this actor (closed, reaped when idle, or the actor restarted)")
+        self.last_used[sid] = time.monotonic()
+        return sb
+
+    async def _add(self, sb: Sandbox) -> str:
+        await self._slots.acquire()
+        sid = uuid.uuid4().hex
+        self.boxes[sid] = sb
+        self.last_used[sid] = time.monotonic()
+        return sid
+
+    async def create(self, tools: Mapping[str, Any] | None = None) -> tuple[str, dict]:
+        self._ensure_loop_state()
+        sb = Sandbox(tools={k: _adapt_tool(v) for k, v in dict(tools or {}).items()}, config=self.cfg)
+        try:
+            await sb.aready()
+        except BaseException:
+            await sb.aclose()
+            raise
+        sid = await self._add(sb)
+        return sid, {"isolation_level": sb.isolation_level}
+
+    async def run(self, sid: str, code: str) -> Result:
+        return await self._get(sid).arun(code)
+
+    async def fork(self, sid: str, n: int = 1) -> list[str]:
+        self._ensure_loop_state()
+        children = await self._get(sid).afork_many(n)
+        return [await self._add(c) for c in children]
+
+    async def close(self, sid: str) -> None:
+        sb = self.boxes.pop(sid, None)
+        self.last_used.pop(sid, None)
+        if sb is not None:
+            self._slots.release()
+            await sb.aclose()
+
+    async def stats(self) -> dict:
+        return {"sandboxes": len(self.boxes), "node": ray.get_runtime_context().get_node_id()}
+
+    async def _reap_idle(self) -> None:
+        ttl = self.cfg.pool.idle_timeout_s
+        while True:
+            await asyncio.sleep(min(60.0, ttl / 4))
+            now = time.monotonic()
+            for sid, t in list(self.last_used.items()):
+                if now - t > ttl:
+                    log.warning("closing sandbox %s: idle for %.0f s (leaked handle?)", sid, now - t)
+                    await self.close(sid)
+
+
+class SandboxHandle:
+    """A sandbox living in a SandboxHost actor; same interface as `Sandbox` (async and sync)."""
+
+    def __init__(self, actor: Any, sid: str, info: dict):
+        self.actor = actor
+        self.sid = sid
+        self.info = info
+        self._closed = False
+
+    @property
+    def isolation_level(self) -> str:
+        return self.info.get("isolation_level", "")
+
+    async def arun(self, code: str) -> Result:
+        return await self.actor.run.remote(self.sid, code)
+
+    async def afork(self) -> SandboxHandle:
+        (sid,) = await self.actor.fork.remote(self.sid, 1)
+        return SandboxHandle(self.actor, sid, self.info)
+
+    async def afork_many(self, n: int) -> list[SandboxHandle]:
+        return [SandboxHandle(self.actor, s, self.info) for s in await self.actor.fork.remote(self.sid, int(n))]
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self.actor.close.remote(self.sid)
+
+    def run(self, code: str) -> Result:
+        return ray.get(self.actor.run.remote(self.sid, code))
+
+    def fork(self) -> SandboxHandle:
+        (sid,) = ray.get(self.actor.fork.remote(self.sid, 1))
+        return SandboxHandle(self.actor, sid, self.info)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            ray.get(self.actor.close.remote(self.sid))
+
+    async def __aenter__(self) -> SandboxHandle:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<SandboxHandle {self.sid[:8]} on {self.actor}>"
+
+
+class SandboxPool:
+    """N SandboxHost actors (fractional CPUs); `create` spreads new sandboxes over them. Picklable, so the
+    pool object can be handed to Ray Data workers / Serve replicas that each create their own sandboxes."""
+
+    def __init__(self, config: SandboxConfig | Mapping | None = None, *, num_actors: int | None = None,
+                 num_cpus_per_actor: float | None = None, **overrides: Any):
+        self.config = make_config(config, **overrides)
+        n = num_actors or self.config.pool.num_actors
+        cpus = self.config.pool.num_cpus_per_actor if num_cpus_per_actor is None else num_cpus_per_actor
+        self.actors = [SandboxHost.options(num_cpus=cpus, max_concurrency=10_000).remote(self.config.model_dump())
+                       for _ in range(n)]
+        self._next = itertools.count(random.randrange(n))
+
+    def __getstate__(self) -> dict:
+        return {"config": self.config.model_dump(), "actors": self.actors}
+
+    def __setstate__(self, state: dict) -> None:
+        self.config = SandboxConfig.model_validate(state["config"])
+        self.actors = state["actors"]
+        self._next = itertools.count(random.randrange(len(self.actors)))
+
+    def _pick(self) -> Any:
+        return self.actors[next(self._next) % len(self.actors)]
+
+    async def create(self, tools: Mapping[str, Any] | None = None) -> SandboxHandle:
+        actor = self._pick()
+        sid, info = await actor.create.remote(dict(tools or {}))
+        return SandboxHandle(actor, sid, info)
+
+    acquire = create
+
+    def create_sync(self, tools: Mapping[str, Any] | None = None) -> SandboxHandle:
+        actor = self._pick()
+        sid, info = ray.get(actor.create.remote(dict(tools or {})))
+        return SandboxHandle(actor, sid, info)
+
+    async def stats(self) -> list[dict]:
+        return list(await asyncio.gather(*(a.stats.remote() for a in self.actors)))
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []

@@ -1,0 +1,108 @@
+"""Report figures (matplotlib, headless): accuracy per benchmark, accuracy vs model size, sag on vs off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from raydistill.report.summary import Series  # noqa: E402
+
+_MODE_HATCH = {"agent": "", "agent_sag": "//", "cot": "..", "rag_cot": "xx"}
+
+
+def _pct(x: float | None) -> float:
+    return 0.0 if x is None else 100.0 * x
+
+
+def accuracy_by_benchmark(series: list[Series], benchmarks: list[str], path: Path) -> Path:
+    """Grouped bars: one group per benchmark (plus the macro average), one bar per (model, mode)."""
+    groups = [*benchmarks, "average"]
+    k = max(len(series), 1)
+    width = 0.8 / k
+    fig, ax = plt.subplots(figsize=(min(16.0, max(8.0, 0.9 * len(groups) * max(1.0, k / 4))), 4.8))
+    cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
+    for i, s in enumerate(series):
+        vals = [_pct(s.cells[b].accuracy) if b in s.cells else 0.0 for b in benchmarks]
+        vals.append(_pct(s.macro_accuracy(benchmarks)))
+        xs = [g + (i - (k - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, vals, width=width * 0.95, label=s.name, color=cmap(i % cmap.N),
+               hatch=_MODE_HATCH.get(s.mode, ""), edgecolor="black", linewidth=0.4)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Accuracy per benchmark")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=min(k, 4), loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_size(series: list[Series], benchmarks: list[str], path: Path) -> Path | None:
+    """Macro-average accuracy against model size (log x), one line per mode; None if < 2 sizes are known."""
+    sized = [s for s in series if s.model_size_b]
+    if len({s.model_size_b for s in sized}) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for mode in sorted({s.mode for s in sized}):
+        pts = sorted((s.model_size_b, _pct(s.macro_accuracy(benchmarks)), s.model_label)
+                     for s in sized if s.mode == mode)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
+        for x, y, label in pts:
+            ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ticks = sorted({s.model_size_b for s in sized})
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("student size (billion parameters)")
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Accuracy vs model size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def sag_on_off(series: list[Series], benchmarks: list[str], path: Path) -> Path | None:
+    """Per benchmark, agent without vs with sag for every model that has both; None if no model has both."""
+    by_key = {s.key: s for s in series}
+    models = [m for m in dict.fromkeys(s.model_label for s in series)
+              if (m, "agent") in by_key and (m, "agent_sag") in by_key]
+    if not models:
+        return None
+    groups = [*benchmarks, "average"]
+    k = 2 * len(models)
+    width = 0.8 / k
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.0 * len(groups)), 4.0))
+    cmap = plt.get_cmap("tab10")
+    for j, m in enumerate(models):
+        for h, mode in enumerate(("agent", "agent_sag")):
+            s = by_key[(m, mode)]
+            vals = [_pct(s.cells[b].accuracy) if b in s.cells else 0.0 for b in benchmarks]
+            vals.append(_pct(s.macro_accuracy(benchmarks)))
+            i = 2 * j + h
+            xs = [g + (i - (k - 1) / 2) * width for g in range(len(groups))]
+            ax.bar(xs, vals, width=width * 0.95, color=cmap(j % 10), alpha=1.0 if h else 0.55,
+                   hatch="//" if h else "", edgecolor="black", linewidth=0.4,
+                   label=f"{m}: sag {'on' if h else 'off'}")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Self-consistent action generation: off vs on")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=min(k, 4), loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

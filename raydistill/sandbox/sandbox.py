@@ -1,0 +1,725 @@
+"""`Sandbox`: an isolated, persistent, forkable Python interpreter for model-written code.
+
+Each Sandbox is a live interpreter process (forked in milliseconds from a warm zygote) plus, after every
+completed step, a forked snapshot of its state, so a step that times out or crashes costs only that step.
+All process handling happens on the hub's event loop; the sync methods block only their caller and the
+async twins never block the caller's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import json
+import keyword
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from raydistill.config.sandbox import SandboxConfig, SandboxLimits
+from raydistill.sandbox import launch
+from raydistill.sandbox.channel import ChannelClosed, ProtocolViolation, make_pair
+from raydistill.sandbox.guest.capture import clean, clip
+from raydistill.sandbox.hub import Family, Hub, SandboxError, Zygote
+from raydistill.sandbox.proc import Proc, SandboxProcessError
+
+log = logging.getLogger("raydistill.sandbox")
+
+RESERVED_NAMES = frozenset({"final_answer", "ToolError", "__builtins__", "__name__", "__doc__"})
+RESTORED = "Variables were restored to their state before this step."
+RESTARTED = "The interpreter was restarted empty: variables from earlier steps are lost."
+
+
+@dataclass
+class Result:
+    """What one `run` produced. `error` is None on success, else the message to show the model."""
+
+    stdout: str = ""
+    value: str | None = None
+    """repr() of the last expression statement's value (None when there is none or it is None)."""
+    error: str | None = None
+    is_final: bool = False
+    final_answer: Any = None
+    duration_s: float = 0.0
+    error_type: str | None = None
+    """Exception class name, or "timeout" / "crash" / "protocol" / "disk" for failures of the process."""
+    restored: bool = False
+    """The interpreter process was replaced (from the last snapshot, or fresh) after a hard failure."""
+    stdout_truncated: bool = False
+    tool_calls: int = 0
+    tool_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def make_config(config: SandboxConfig | Mapping | None = None, limits: SandboxLimits | Mapping | None = None,
+                **overrides: Any) -> SandboxConfig:
+    """SandboxConfig from a config/dict plus keyword overrides (limit names go to `limits`)."""
+    base = config.model_dump() if isinstance(config, SandboxConfig) else dict(config or {})
+    lim = dict(base.get("limits") or {})
+    if limits is not None:
+        lim.update(limits.model_dump() if isinstance(limits, SandboxLimits) else dict(limits))
+    for k, v in overrides.items():
+        if k in SandboxLimits.model_fields:
+            lim[k] = v
+        elif k in SandboxConfig.model_fields:
+            base[k] = v
+        else:
+            raise TypeError(f"unknown sandbox option {k!r}; config fields: {sorted(SandboxConfig.model_fields)}, "
+                            f"limit fields: {sorted(SandboxLimits.model_fields)}")
+    base["limits"] = lim
+    return SandboxConfig.model_validate(base)
+
+
+def check_tools(tools: Mapping[str, Callable] | None) -> dict[str, Callable]:
+    out = {}
+    for name, fn in dict(tools or {}).items():
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name) or name in RESERVED_NAMES:
+            raise ValueError(f"bad tool name {name!r}: must be an identifier other than {sorted(RESERVED_NAMES)}")
+        if not callable(fn):
+            raise TypeError(f"tool {name!r} is not callable: {fn!r}")
+        out[name] = fn
+    return out
+
+
+def _is_async(fn: Callable) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+async def _await_on(aw, loop: asyncio.AbstractEventLoop | None):
+    """Await `aw` on `loop` (the caller's, where its resources live) when that is another running loop."""
+    here = asyncio.get_running_loop()
+    if loop is None or loop is here or loop.is_closed() or not loop.is_running():
+        return await aw
+
+    async def _wrap():
+        return await aw
+
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_wrap(), loop))
+
+
+class _Snapshot:
+    """A forked copy of a committed state, never used to run code; shared (refcounted) by forks."""
+
+    def __init__(self, proc: Proc, step: int):
+        self.proc = proc
+        self.step = step
+        self.refs = 1
+
+    def acquire(self) -> _Snapshot:
+        self.refs += 1
+        return self
+
+    def release(self, family: Family | None) -> None:
+        self.refs -= 1
+        if self.refs <= 0:
+            if family is not None:
+                family.discard(self.proc)
+            self.proc.kill()
+            self.proc.close()
+
+
+class _Box:
+    """Hub-side state of one Sandbox. Every method runs on the hub loop."""
+
+    def __init__(self, hub: Hub, cfg: SandboxConfig, tools: dict[str, Callable]):
+        self.hub = hub
+        self.cfg = cfg
+        self.lim = cfg.limits
+        self.tools = tools
+        self.zygote: Zygote | None = None
+        self.family: Family | None = None
+        self.active: Proc | None = None
+        self.snapshot: _Snapshot | None = None
+        self.steps = 0
+        self.closed = False
+        self.needs_restore = False
+        self.lock: asyncio.Lock | None = None
+        self._ready: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._bg: asyncio.Task | None = None
+
+    # -- creation --------------------------------------------------------------------------------------
+    def _init_loop_state(self) -> None:
+        self.lock = asyncio.Lock()
+        self._ready = asyncio.Event()
+
+    async def create(self) -> None:
+        self._init_loop_state()
+        try:
+            self.zygote = await self.hub.zygote(self.cfg)
+            fam, active = await self.zygote.new_family(self._spec(self.zygote), self.cfg.start_timeout_s)
+            fam.acquire()
+            fam.add(active)
+            self.family, self.active = fam, active
+        except BaseException as e:
+            self._error = e if isinstance(e, SandboxError) else SandboxError(f"{type(e).__name__}: {e}")
+            raise self._error from None
+        finally:
+            self._ready.set()
+
+    def adopt(self, parent: _Box, active: Proc) -> None:
+        """Become a fork of `parent` (called on the hub loop)."""
+        self._init_loop_state()
+        self.zygote, self.family, self.active = parent.zygote, parent.family, active
+        self.snapshot = parent.snapshot.acquire() if parent.snapshot is not None else None
+        self.steps = parent.steps
+        self.family.acquire()
+        self._ready.set()
+
+    def _spec(self, z: Zygote) -> dict:
+        lim = self.lim
+        host_frame = 12 * (lim.max_output_chars + 2 * lim.max_value_chars + lim.max_error_chars
+                           + lim.max_tool_arg_chars) + (64 << 10)
+        return {
+            "authorized_imports": list(self.cfg.authorized_imports), "tools": sorted(self.tools),
+            "max_output_chars": lim.max_output_chars, "max_value_chars": lim.max_value_chars,
+            "max_error_chars": lim.max_error_chars, "max_tool_arg_chars": lim.max_tool_arg_chars,
+            "memory_mb": lim.memory_mb,
+            "rlimits": {"memory_mb": lim.memory_mb, "cpu_s_total": lim.cpu_s_total, "max_file_mb": lim.max_file_mb,
+                        "max_open_files": lim.max_open_files},
+            "env": {k: v for k, v in launch.SANDBOX_ENV.items() if k not in ("HOME", "TMPDIR")},
+            "seccomp": z.seccomp, "landlock": z.landlock,
+            "keep_caps": 1 << 2 if z.info.get("dac_cap") else 0,  # CAP_DAC_READ_SEARCH (root, no userns)
+            "ro_paths": list(z.plan.ro_paths) if z.plan else [],
+            "max_frame": 12 * (lim.max_code_chars + lim.max_tool_result_chars) + (64 << 10),
+            "host_max_frame": host_frame,
+            "family": {"tmp_bytes": lim.tmp_size_mb << 20, "tmp_inodes": lim.tmp_inodes,
+                       "max_processes": lim.max_processes},
+        }
+
+    async def _wait_ready(self) -> None:
+        await self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        if self.closed:
+            raise SandboxError("the sandbox is closed")
+
+    # -- process management ----------------------------------------------------------------------------
+    def _drop(self, p: Proc | None) -> None:
+        if p is None:
+            return
+        p.kill()
+        p.close()
+        if self.family is not None:
+            self.family.discard(p)
+
+    async def _ensure_active(self) -> str | None:
+        """Make sure there is a live interpreter; returns a notice when the state had to be rebuilt."""
+        if self.active is not None and self.active.alive and not self.needs_restore:
+            return None
+        self._drop(self.active)
+        self.active = None
+        self.needs_restore = False
+        return await self._restore()
+
+    async def _restore(self) -> str | None:
+        """Replace the active interpreter from the snapshot, or fresh from the warden."""
+        if self.family is None or self.family.closed or not self.family.warden.alive:
+            raise SandboxError("the sandbox was lost (its family of processes is gone)")
+        if self.snapshot is not None and self.snapshot.proc.alive:
+            try:
+                (self.active,) = await self._fork_from(self.snapshot.proc, "active", 1)
+                return None if self.snapshot.step == self.steps else (
+                    f"The interpreter was restored to its state after step {self.snapshot.step} (later state lost).")
+            except SandboxError as e:
+                log.warning("sandbox: restoring from snapshot failed (%s); starting fresh", e)
+        self.active = await self.family.spawn(self.cfg.start_timeout_s)
+        if self.snapshot is not None:
+            self.snapshot.release(self.family)
+            self.snapshot = None
+        return RESTARTED if self.steps else None
+
+    async def _fork_from(self, src: Proc, role: str, n: int, retry: bool = True) -> list[Proc]:
+        """Fork `src` n times; the children register on their own channels."""
+        fam = self.family
+        timeout = self.cfg.start_timeout_s
+        pairs = [make_pair() for _ in range(n)]
+        fam.begin_fork(src)
+        try:
+            try:
+                await asyncio.wait_for(src.chan.send({"op": "fork", "role": role}, [g.fileno() for _, g in pairs]),
+                                       timeout)
+            finally:
+                for _, g in pairs:
+                    g.close()
+            try:
+                ack = await src.next(timeout)
+            except (ChannelClosed, ProtocolViolation, asyncio.TimeoutError) as e:
+                for h, _ in pairs:
+                    h.close()
+                raise SandboxError(f"fork failed: the source process did not answer ({type(e).__name__})") from None
+            made = len(ack.get("pids") or []) if ack.get("op") == "forked" else 0
+            made = max(0, min(made, n))
+            for h, _ in pairs[made:]:
+                h.close()
+            results = await asyncio.gather(
+                *(Proc.accept(h, self.hub.loop, role=role, max_frame=fam.spec["host_max_frame"], timeout=timeout,
+                              min_ns_depth=2 if fam.ns else 1) for h, _ in pairs[:made]),
+                return_exceptions=True)
+            procs = [r for r in results if isinstance(r, Proc)]
+            for p in procs:
+                fam.add(p)
+        finally:
+            fam.end_fork(src)
+        if len(procs) == n:
+            return procs
+        for p in procs:
+            self._drop(p)
+        why = ack.get("errors") or [str(r) for r in results if isinstance(r, BaseException)] or [str(ack)[:200]]
+        if retry:  # usually the family's process budget is full of strays: clear them and try once more
+            await fam.sweep()
+            return await self._fork_from(src, role, n, retry=False)
+        raise SandboxError(f"fork failed: {'; '.join(map(str, why))[:500]}")
+
+    # -- running code ----------------------------------------------------------------------------------
+    async def run(self, code: str, caller_loop: asyncio.AbstractEventLoop | None) -> Result:
+        t0 = time.perf_counter()
+        if not isinstance(code, str):
+            raise TypeError(f"code must be a str, not {type(code).__name__}")
+        await self._wait_ready()
+        if len(code) > self.lim.max_code_chars:
+            return Result(error=f"CodeTooLong: the code has {len(code)} characters; the limit is "
+                                f"{self.lim.max_code_chars}.", error_type="CodeTooLong",
+                          duration_s=time.perf_counter() - t0)
+        await self.lock.acquire()
+        handed_off = False
+        snap_host = None
+        try:
+            if self.closed:
+                raise SandboxError("the sandbox is closed")
+            notice = await self._ensure_active()
+            x = self.active
+            fds = []
+            if self.cfg.snapshots:
+                snap_host, snap_guest = make_pair()
+                fds = [snap_guest.fileno()]
+                self.family.begin_fork(x)  # ended in _after_step (or below on failure)
+            msg = {"op": "run", "code": code, "timeout_s": self.lim.step_timeout_s,
+                   "cpu_s": self.lim.cpu_s_per_step, "snapshot": "always" if self.cfg.on_error == "keep" else "success"}
+            try:
+                await asyncio.wait_for(x.chan.send(msg, fds), self.lim.step_timeout_s)
+            except (ChannelClosed, asyncio.TimeoutError):
+                pass  # the conversation below sees the dead/stuck process
+            finally:
+                if fds:
+                    snap_guest.close()
+            outcome, payload, calls, tool_s = await self._converse(x, caller_loop)
+            if outcome == "result":
+                res = self._result(payload, t0, calls, tool_s, notice)
+                self.steps += 1
+                if snap_host is not None:
+                    handed_off = True
+                    sh, snap_host = snap_host, None
+                    self._bg = self.hub.loop.create_task(self._after_step(x, sh, res.error is not None))
+                elif self.cfg.on_error == "rollback" and res.error is not None:
+                    self.needs_restore = True
+                return res
+            # hard failure: the process is killed and replaced
+            if snap_host is not None:
+                self.family.end_fork(x)
+                snap_host.close()
+                snap_host = None
+            self._drop(x)
+            self.active = None
+            if outcome == "disk":
+                await asyncio.to_thread(_wipe, self.family.tmp_dir)
+            note = await self._restore()
+            self.family.request_sweep()
+            return Result(error=self._failure_message(outcome, payload, note), error_type=outcome, restored=True,
+                          duration_s=time.perf_counter() - t0, tool_calls=calls, tool_s=tool_s)
+        except BaseException:
+            if snap_host is not None and self.family is not None:
+                self.family.end_fork(x)
+            if self.active is not None:  # interrupted mid-step: the interpreter may be anywhere
+                self.active.kill()
+                self.needs_restore = True
+            raise
+        finally:
+            if snap_host is not None:
+                snap_host.close()
+            if not handed_off:
+                self.lock.release()
+
+    def _failure_message(self, outcome: str, detail: Any, note: str | None) -> str:
+        after = note or RESTORED
+        if outcome == "timeout":
+            return (f"TimeoutError: the code did not finish within {self.lim.step_timeout_s:g} seconds and was "
+                    f"stopped. {after}")
+        if outcome == "disk":
+            return (f"DiskQuotaExceeded: the sandbox's temporary directory grew past {self.lim.tmp_size_mb} MiB; "
+                    f"its files were deleted and the code was stopped. {after}")
+        if outcome == "protocol":
+            return f"SandboxError: the code interfered with the interpreter ({detail}) and was stopped. {after}"
+        return ("InterpreterCrash: the Python process running the code died (a crash, os._exit(), a fatal signal, or "
+                f"a resource limit such as memory or CPU time). {after}")
+
+    def _result(self, m: dict, t0: float, calls: int, tool_s: float, notice: str | None) -> Result:
+        lim = self.lim
+
+        def s(v: Any, cap: int) -> str | None:
+            return None if v is None else clip(clean(v if isinstance(v, str) else str(v)), cap + 200)
+
+        fa = m.get("final_answer")
+        if not (fa is None or isinstance(fa, bool | int | float)):
+            fa = s(fa, lim.max_value_chars)
+        elif isinstance(fa, float) and not math.isfinite(fa):
+            fa = str(fa)
+        err = s(m.get("error"), lim.max_error_chars)
+        if notice:
+            err = f"{notice}\n{err}" if err else None
+        stdout = s(m.get("stdout"), lim.max_output_chars) or ""
+        if notice and err is None:
+            stdout = f"[{notice}]\n{stdout}"
+        chars = m.get("stdout_chars")
+        return Result(stdout=stdout, value=s(m.get("value"), lim.max_value_chars), error=err,
+                      is_final=bool(m.get("is_final")), final_answer=fa, duration_s=time.perf_counter() - t0,
+                      error_type=s(m.get("error_type"), 100) if err else None,
+                      stdout_truncated=isinstance(chars, int) and chars > lim.max_output_chars,
+                      tool_calls=calls, tool_s=tool_s)
+
+    async def _converse(self, x: Proc, caller_loop) -> tuple[str, Any, int, float]:
+        """Serve one step: answer tool calls until the result arrives, the budget runs out, or x dies."""
+        budget = self.lim.step_timeout_s + self.lim.kill_grace_s  # the sandbox interrupts itself first
+        used = 0.0
+        calls, tool_s = 0, 0.0
+        watch_disk = not self.family.ns and self.family.tmp_dir is not None
+        while True:
+            remaining = budget - used
+            if remaining <= 0:
+                return "timeout", None, calls, tool_s
+            t = time.monotonic()
+            try:
+                msg = await x.next(min(remaining, 0.25) if watch_disk else remaining)
+            except asyncio.TimeoutError:
+                used += time.monotonic() - t
+                if watch_disk and await self._over_quota():
+                    return "disk", None, calls, tool_s
+                continue
+            except ChannelClosed:
+                return "crash", None, calls, tool_s
+            except ProtocolViolation as e:
+                return "protocol", str(e), calls, tool_s
+            used += time.monotonic() - t
+            op = msg.get("op")
+            if op == "result":
+                if watch_disk and await self._over_quota():
+                    return "disk", None, calls, tool_s
+                return "result", msg, calls, tool_s
+            if op != "tool":
+                return "protocol", f"unexpected {str(op)[:40]!r} message", calls, tool_s
+            t1 = time.monotonic()
+            reply = await self._call_tool(msg, caller_loop)
+            calls += 1
+            tool_s += time.monotonic() - t1
+            try:
+                await asyncio.wait_for(x.chan.send(reply), self.lim.step_timeout_s)
+            except (ChannelClosed, asyncio.TimeoutError):
+                return "crash", None, calls, tool_s
+
+    async def _over_quota(self) -> bool:
+        return await asyncio.to_thread(_usage_exceeds, self.family.tmp_dir, self.lim.tmp_size_mb << 20,
+                                       self.lim.tmp_inodes)
+
+    async def _call_tool(self, msg: dict, caller_loop) -> dict:
+        name, args, kwargs = msg.get("name"), msg.get("args"), msg.get("kwargs")
+        if not isinstance(name, str) or name not in self.tools:
+            return {"op": "tool_result", "ok": False, "error": f"unknown tool {str(name)[:80]!r}"}
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            return {"op": "tool_result", "ok": False, "error": "malformed tool call"}
+        fn = self.tools[name]
+        try:
+            value = await asyncio.wait_for(self._invoke(fn, args, kwargs, caller_loop), self.lim.tool_timeout_s)
+        except asyncio.TimeoutError:
+            return {"op": "tool_result", "ok": False,
+                    "error": f"{name} did not answer within {self.lim.tool_timeout_s:g} seconds"}
+        except Exception as e:  # noqa: BLE001 - tool failures are reported to the model, not raised
+            return {"op": "tool_result", "ok": False, "error": clip(f"{name} failed: {type(e).__name__}: {e}", 2000)}
+        if isinstance(value, str):
+            value = clip(value, self.lim.max_tool_result_chars)
+        try:
+            size = len(json.dumps(value))
+        except (TypeError, ValueError):
+            log.warning("sandbox tool %r returned a non-JSON value of type %s", name, type(value).__name__)
+            return {"op": "tool_result", "ok": False,
+                    "error": f"{name} returned a {type(value).__name__}, which cannot be passed into the sandbox"}
+        if size > 12 * self.lim.max_tool_result_chars:
+            return {"op": "tool_result", "ok": False, "error": f"{name} returned too much data ({size} bytes)"}
+        return {"op": "tool_result", "ok": True, "value": value}
+
+    async def _invoke(self, fn: Callable, args: list, kwargs: dict, caller_loop) -> Any:
+        if _is_async(fn):
+            return await _await_on(fn(*args, **kwargs), caller_loop)
+        res = await self.hub.loop.run_in_executor(self.hub.tool_executor, functools.partial(fn, *args, **kwargs))
+        if inspect.isawaitable(res):
+            res = await _await_on(res, caller_loop)
+        return res
+
+    async def _after_step(self, x: Proc, snap_host, had_error: bool) -> None:
+        """Adopt the snapshot the interpreter forks after replying (runs while the caller already has the
+        result; holds the box lock so the next step waits only if it comes before the fork is done)."""
+        forking = True
+        try:
+            try:
+                ack = await x.next(self.cfg.start_timeout_s)
+            except (ChannelClosed, ProtocolViolation, asyncio.TimeoutError):
+                snap_host.close()
+                self.needs_restore = True
+                return
+            if ack.get("op") != "forked":
+                snap_host.close()
+                self.needs_restore = True
+                return
+            if ack.get("skipped"):  # on_error="rollback" and the step raised: back to the previous state
+                snap_host.close()
+                self._drop(x)
+                self.active = None
+                await self._restore()
+                return
+            proc = None
+            if ack.get("ok"):
+                try:
+                    proc = await Proc.accept(snap_host, self.hub.loop, role="snapshot",
+                                             max_frame=self.family.spec["host_max_frame"],
+                                             timeout=self.cfg.start_timeout_s, min_ns_depth=2 if self.family.ns else 1)
+                    self.family.add(proc)
+                except SandboxProcessError:
+                    proc = None
+            else:
+                snap_host.close()
+            self.family.end_fork(x)
+            forking = False
+            if proc is None:
+                try:
+                    (proc,) = await self._fork_from(x, "snapshot", 1)
+                except SandboxError as e:
+                    log.warning("sandbox: could not snapshot step %d (%s); a crash now restores an older state",
+                                self.steps, e)
+                    return
+            old, self.snapshot = self.snapshot, _Snapshot(proc, self.steps)
+            if old is not None:
+                old.release(self.family)
+            if self.closed:
+                self._drop(proc)
+            elif self.family.ns:
+                self.family.request_sweep()
+        except asyncio.CancelledError:
+            snap_host.close()
+            self.needs_restore = True
+        except Exception as e:  # noqa: BLE001 - never let a background task die silently
+            log.warning("sandbox: post-step bookkeeping failed: %s: %s", type(e).__name__, e)
+            self.needs_restore = True
+        finally:
+            if forking and self.family is not None:
+                self.family.end_fork(x)
+            self.lock.release()
+
+    # -- forking and closing ---------------------------------------------------------------------------
+    async def fork(self, n: int) -> list[_Box]:
+        await self._wait_ready()
+        async with self.lock:
+            if self.closed:
+                raise SandboxError("the sandbox is closed")
+            await self._ensure_active()
+            procs = await self._fork_from(self.active, "active", n)
+            boxes = []
+            for p in procs:
+                b = _Box(self.hub, self.cfg, self.tools)
+                b.adopt(self, p)
+                boxes.append(b)
+            return boxes
+
+    async def close(self) -> None:
+        if self._ready is None:
+            return
+        await self._ready.wait()
+        if self.closed or self._error is not None:
+            return
+        if self._bg is not None and not self._bg.done():
+            self._bg.cancel()
+        async with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self._drop(self.active)
+            self.active = None
+            if self.snapshot is not None:
+                self.snapshot.release(self.family)
+                self.snapshot = None
+            fam, self.family = self.family, None
+            fam.request_sweep()
+            await fam.release()
+
+    def info(self) -> dict:
+        d = self.zygote.details() if self.zygote is not None else {}
+        d.update(steps=self.steps, pid=self.active.pid if self.active else None,
+                 snapshot_pid=self.snapshot.proc.pid if self.snapshot else None,
+                 warden_pid=self.family.warden.pid if self.family else None)
+        return d
+
+
+def _usage_exceeds(path: str | None, max_bytes: int, max_entries: int) -> bool:
+    """Disk use of the fallback temp dir (no tmpfs cap there): bytes or entries over the limit."""
+    if not path:
+        return False
+    total, entries, stack = 0, 0, [path]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for e in it:
+                    entries += 1
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    total += st.st_blocks * 512
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                    if total > max_bytes or entries > max_entries:
+                        return True
+        except OSError:
+            continue
+    return False
+
+
+def _wipe(path: str | None) -> None:
+    import shutil
+
+    if not path:
+        return
+    try:
+        with os.scandir(path) as it:
+            for e in list(it):
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path, ignore_errors=True)
+                else:
+                    try:
+                        os.unlink(e.path)
+                    except OSError:
+                        pass
+    except OSError:
+        pass
+
+
+class Sandbox:
+    """An isolated persistent Python interpreter. Construction returns at once (the interpreter starts in the
+    background); the first call waits for it.
+
+        with Sandbox(tools={"web_search": fn}) as sb:
+            r = sb.run("x = 2\\nx * 21")          # r.value == "42"
+            child = sb.fork()                   # independent copy of the state
+        r = await sb.arun(code); child = await sb.afork()
+    """
+
+    def __init__(self, tools: Mapping[str, Callable] | None = None, *, config: SandboxConfig | Mapping | None = None,
+                 limits: SandboxLimits | Mapping | None = None, **overrides: Any):
+        cfg = make_config(config, limits, **overrides)
+        self._hub = Hub.get()
+        self._box = _Box(self._hub, cfg, check_tools(tools))
+        self._created = self._hub.submit(self._box.create())
+        self._closed = False
+
+    @classmethod
+    def _wrap(cls, hub: Hub, box: _Box) -> Sandbox:
+        sb = cls.__new__(cls)
+        sb._hub, sb._box, sb._closed = hub, box, False
+        sb._created = None
+        return sb
+
+    @property
+    def config(self) -> SandboxConfig:
+        return self._box.cfg
+
+    # -- readiness / info ------------------------------------------------------------------------------
+    def ready(self, timeout: float | None = None) -> Sandbox:
+        """Block until the interpreter is up (raises SandboxError if it cannot start)."""
+        if self._created is not None:
+            self._created.result(timeout)
+        return self
+
+    async def aready(self) -> Sandbox:
+        if self._created is not None:
+            await asyncio.wrap_future(self._created)
+        return self
+
+    @property
+    def isolation_level(self) -> str:
+        """"bwrap" (namespaces + seccomp + rlimits), "seccomp" (seccomp + Landlock + rlimits) or "rlimits"."""
+        self.ready()
+        return self._box.zygote.level
+
+    @property
+    def isolation(self) -> dict:
+        """Which layers are active (level, namespaces, seccomp, landlock_abi, uid, ...) and process ids."""
+        self.ready()
+        return self._hub.call(_call(self._box.info))
+
+    # -- the API ---------------------------------------------------------------------------------------
+    def run(self, code: str) -> Result:
+        return self._hub.call(self._box.run(code, None))
+
+    async def arun(self, code: str) -> Result:
+        return await self._hub.acall(self._box.run(code, asyncio.get_running_loop()))
+
+    def fork(self) -> Sandbox:
+        (box,) = self._hub.call(self._box.fork(1))
+        return Sandbox._wrap(self._hub, box)
+
+    async def afork(self) -> Sandbox:
+        (box,) = await self._hub.acall(self._box.fork(1))
+        return Sandbox._wrap(self._hub, box)
+
+    def fork_many(self, n: int) -> list[Sandbox]:
+        """n independent copies in one round trip (e.g. sag candidates)."""
+        return [Sandbox._wrap(self._hub, b) for b in self._hub.call(self._box.fork(int(n)))]
+
+    async def afork_many(self, n: int) -> list[Sandbox]:
+        return [Sandbox._wrap(self._hub, b) for b in await self._hub.acall(self._box.fork(int(n)))]
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._hub.call(self._box.close())
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._hub.acall(self._box.close())
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Sandbox:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        try:
+            if not self._closed and not self._hub.closing and self._hub.thread.is_alive():
+                self._closed = True
+                self._hub.submit(self._box.close())
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __reduce__(self):
+        raise TypeError("a Sandbox holds live processes and cannot be pickled; on Ray use "
+                        "raydistill.actors.sandbox_pool.SandboxPool handles")
+
+    def __repr__(self) -> str:
+        return f"<Sandbox steps={self._box.steps} closed={self._closed}>"
+
+
+async def _call(fn: Callable):
+    return fn()

@@ -1,0 +1,177 @@
+"""Turning trajectories into micro-batches: packing (default) or length-sorted padding.
+
+Agent trajectories range from a few hundred to ~10k tokens, so padding a batch to its longest sample wastes
+most of the compute. Packing puts several samples back to back in one row of at most `max_tokens` tokens,
+with `position_ids` restarting at 0 for each sample; the attention implementations used for training
+(`flash_attention_2` varlen, `sdpa_varlen`, and HF's `sdpa`/`eager` mask built from restarting position ids)
+keep attention inside each sample, which tests/train/test_packing.py checks against unpacked logits.
+
+Targets are shifted here, per sample: `targets[i]` is the token at i+1 when `loss_mask[i+1]` is set, else -100,
+and the last position of every sample is -100, so no sample is ever trained to predict its neighbour's first
+token. The loss is a sum over target tokens; the loop divides by the global count of target tokens in the
+optimizer step, so every loss token weighs the same however samples land in rows, micro-batches or workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class Sample:
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        self.input_ids = np.asarray(self.input_ids, dtype=np.int64)
+        self.loss_mask = np.asarray(self.loss_mask, dtype=np.int8)
+        if self.input_ids.shape != self.loss_mask.shape or self.input_ids.ndim != 1 or len(self.input_ids) == 0:
+            raise ValueError(f"sample {self.key!r}: input_ids {self.input_ids.shape} and loss_mask "
+                             f"{self.loss_mask.shape} must be equal-length, non-empty 1-D sequences")
+
+    @classmethod
+    def from_row(cls, row: dict) -> Sample:
+        return cls(row["input_ids"], row["loss_mask"], key=f"{row.get('id', '')}#{row.get('sample', '')}")
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def targets(self) -> np.ndarray:
+        t = np.full(len(self.input_ids), IGNORE, dtype=np.int64)
+        keep = self.loss_mask[1:] != 0
+        t[:-1][keep] = self.input_ids[1:][keep]
+        return t
+
+    @property
+    def num_targets(self) -> int:
+        return int(np.count_nonzero(self.loss_mask[1:]))
+
+
+@dataclass
+class MicroBatch:
+    """One forward/backward: `input_ids` etc. are (rows, length) tensors on CPU."""
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    cu_seq_lens: torch.Tensor | None = None
+    max_seq_len: int = 0
+    num_samples: int = 0
+    num_tokens: int = 0
+    """Real (non-pad) tokens."""
+    num_targets: int = 0
+    sample_lens: list[int] = field(default_factory=list)
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    def model_inputs(self, device: torch.device | str) -> dict:
+        """Keyword arguments for a HF causal LM forward (no labels: the loop computes the loss itself)."""
+        kw = {"input_ids": self.input_ids.to(device, non_blocking=True),
+              "position_ids": self.position_ids.to(device, non_blocking=True), "use_cache": False}
+        if self.attention_mask is not None:
+            kw["attention_mask"] = self.attention_mask.to(device, non_blocking=True)
+        if self.cu_seq_lens is not None:
+            cu = self.cu_seq_lens.to(device, non_blocking=True)
+            kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=self.max_seq_len,
+                      max_length_k=self.max_seq_len)
+        return kw
+
+
+def pack_row(samples: Sequence[Sample]) -> MicroBatch:
+    """Concatenate samples into one (1, L) row with restarting position ids and per-sample shifted targets."""
+    lens = [len(s) for s in samples]
+    ids = np.concatenate([s.input_ids for s in samples])
+    targets = np.concatenate([s.targets() for s in samples])
+    pos = np.concatenate([np.arange(n) for n in lens])
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    return MicroBatch(
+        input_ids=torch.from_numpy(ids)[None], targets=torch.from_numpy(targets)[None],
+        position_ids=torch.from_numpy(pos)[None], cu_seq_lens=torch.from_numpy(cu), max_seq_len=max(lens),
+        num_samples=len(samples), num_tokens=int(sum(lens)), num_targets=sum(s.num_targets for s in samples),
+        sample_lens=lens)
+
+
+def pack(samples: Sequence[Sample], max_tokens: int) -> list[MicroBatch]:
+    """First-fit-decreasing bin packing into rows of at most `max_tokens` tokens (deterministic)."""
+    too_long = [s for s in samples if len(s) > max_tokens]
+    if too_long:
+        s = too_long[0]
+        raise ValueError(f"sample {s.key!r} has {len(s)} tokens, more than train.max_tokens_per_batch={max_tokens}; "
+                         f"raise it to at least the SFT max_length")
+    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i]), i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(samples[i])
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(max_tokens - n)
+    return [pack_row([samples[i] for i in b]) for b in bins]
+
+
+def pad_batches(samples: Sequence[Sample], micro_batch_size: int, pad_id: int) -> list[MicroBatch]:
+    """No packing: length-sorted groups of `micro_batch_size`, right-padded with an attention mask."""
+    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i]), i))
+    out = []
+    for start in range(0, len(order), micro_batch_size):
+        group = [samples[i] for i in order[start:start + micro_batch_size]]
+        width = max(len(s) for s in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        tgt = torch.full((len(group), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for r, s in enumerate(group):
+            ids[r, :len(s)] = torch.from_numpy(s.input_ids)
+            tgt[r, :len(s)] = torch.from_numpy(s.targets())
+            mask[r, :len(s)] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out.append(MicroBatch(input_ids=ids, targets=tgt, position_ids=pos, attention_mask=mask,
+                              max_seq_len=width, num_samples=len(group), num_tokens=int(mask.sum()),
+                              num_targets=sum(s.num_targets for s in group), sample_lens=[len(s) for s in group]))
+    return out
+
+
+def plan_micro_batches(samples: Sequence[Sample], *, packing: bool, max_tokens: int, micro_batch_size: int,
+                       pad_id: int) -> list[MicroBatch]:
+    if not samples:
+        return []
+    if packing:
+        return pack(samples, max_tokens)
+    return pad_batches(samples, micro_batch_size, pad_id)
+
+
+def dummy_micro_batch(pad_id: int) -> MicroBatch:
+    """A one-token, zero-target batch: lets a worker with fewer micro-batches match its peers' collective calls."""
+    return pack_row([Sample(np.array([pad_id]), np.array([0]), key="<dummy>")])
+
+
+def loss_sum(model: torch.nn.Module, mb: MicroBatch, device: torch.device | str) -> torch.Tensor:
+    """Sum of token cross-entropies over the micro-batch's targets, computing logits only where needed.
+
+    `logits_to_keep` (an index tensor) makes the LM head run on target positions only (~40% of agent tokens),
+    which saves both the head's FLOPs and the (tokens x vocab) logits memory.
+    """
+    targets = mb.targets.to(device, non_blocking=True)
+    keep = torch.nonzero((targets != IGNORE).any(0)).flatten()
+    if keep.numel() == 0:  # nothing to learn here (dummy batch): keep one logit, contribute a zero loss
+        keep = torch.zeros(1, dtype=torch.long, device=device)
+        out = model(**mb.model_inputs(device), logits_to_keep=keep)
+        return out.logits.float().sum() * 0.0
+    out = model(**mb.model_inputs(device), logits_to_keep=keep)
+    logits = out.logits  # (rows, kept, vocab)
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                             targets[:, keep].reshape(-1), ignore_index=IGNORE, reduction="sum")

@@ -1,0 +1,125 @@
+"""The generate stage on a real local Ray: Ray Data over teacher actors, durable shards, filter, SFT data.
+
+Scripted engine where exact model text matters (malformed output, known answers); everything else is real
+(Ray Data actor pool, Parquet shards, grading, the student's tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import ray.cloudpickle
+
+from raydistill.actors.teacher import TeacherWorker
+from raydistill.config import load_config
+from raydistill.curation import TrajectoryStore, read_table
+from raydistill.sft import read_dataset, read_meta
+from raydistill.stages import generate
+
+# Ray workers cannot import this test module by name: ship its classes by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+GOOD_COT = "Two plus two.\n\nSo the answer is <answer>\\boxed{4}</answer>"
+
+
+def _cfg(tmp_path: Path, *overrides: str, script: list[str] | None = None):
+    base = [
+        f"run_dir={tmp_path / 'run'}", "data.train_sets=[math_1000,hotpotqa_1000]", "data.limit=3",
+        "teacher.backend=scripted", "teacher.model=scripted", "student.model=tiny:qwen2-tiny",
+        "generate.kinds=[cot]", "generate.batch_size=2", "generate.episodes_per_worker=4",
+        "generate.flush_interval_s=0", "generate.worker_num_cpus=0.25", "generate.progress_interval_s=1",
+        "retrieval.enabled=false",
+    ]
+    cfg = load_config(None, base + list(overrides))
+    cfg.teacher.script = script or [GOOD_COT]
+    return cfg
+
+
+def test_cot_end_to_end_and_rerun_skips(ray_local, tmp_path):
+    cfg = _cfg(tmp_path, "generate.samples_per_question=2", "generate.max_correct_per_question=1")
+    out = generate.run(cfg)
+    s = out["kinds"]["cot"]
+    assert s["generation"]["total"] == 12 and s["generation"]["episodes"] == 12
+    trajs, dups = TrajectoryStore(tmp_path / "run/trajectories/cot").read()
+    assert dups == 0 and sorted(t.key for t in trajs) == sorted(
+        (r["id"], r["sample"]) for r in generate.question_rows(cfg))
+    report = json.loads((tmp_path / "run/filter/cot/report.json").read_text())
+    # math golds are not 4 except by chance; every QA answer "\boxed{4}" is wrong
+    assert report["total"] == 12 and report["by_source"]["hotpotqa_1000"]["passed"] == 0
+    graded = read_table(tmp_path / "run/filter/cot/trajectories.parquet")
+    assert all(t.correct is not None for t in graded) and all((t.rejected is None) == t.correct for t in graded
+                                                              if t.sample == 0)
+    meta = read_meta(tmp_path / "run/sft/cot")
+    assert meta["count"] == report["kept_for_sft"] == report["passed"]
+    assert generate.is_done(cfg)
+    # a second run does nothing new
+    again = generate.run(cfg)
+    assert again["kinds"]["cot"]["generation"]["episodes"] == 0
+    assert again["kinds"]["cot"]["generation"]["already_done"] == 12
+    # more questions: only the new ones run
+    more = _cfg(tmp_path, "generate.samples_per_question=2", "data.limit=4")
+    assert not generate.is_done(more)
+    assert generate.run(more)["kinds"]["cot"]["generation"]["episodes"] == 4
+    assert TrajectoryStore(tmp_path / "run/trajectories/cot").count_rows() == 16
+
+
+def test_smoke_mode_keeps_everything_and_sft_is_real(ray_local, tmp_path):
+    cfg = _cfg(tmp_path, "generate.keep_all_for_smoke=true", script=["No idea, sorry."])
+    generate.run(cfg)
+    report = json.loads((tmp_path / "run/filter/cot/report.json").read_text())
+    # malformed output (no <answer>): recorded as failed, still kept for the smoke run's SFT data
+    assert report["passed"] == 0 and report["reasons_primary"] == {"no_answer": 6}
+    assert report["kept_for_sft"] == 6 and report["keep_all_for_smoke"] is True
+    table = read_dataset(tmp_path / "run/sft/cot")
+    assert table.num_rows == 6 and min(table.column("num_loss_tokens").to_pylist()) > 0
+
+
+def test_changed_settings_are_refused_or_moved_aside(ray_local, tmp_path):
+    generate.run(_cfg(tmp_path))
+    changed = _cfg(tmp_path, "agent.temperature=0.5")
+    with pytest.raises(generate.StageError, match=r"agent.temperature: 0.0 -> 0.5"):
+        generate.run(changed)
+    # resource settings do not count as a change
+    assert generate.changed_settings(_cfg(tmp_path, "generate.num_workers=2", "teacher.num_cpus=0.5"), "cot") == []
+    rerun = _cfg(tmp_path, "agent.temperature=0.5", "generate.on_config_change=rerun")
+    assert generate.run(rerun)["kinds"]["cot"]["generation"]["episodes"] == 6
+    assert len(list((tmp_path / "run/trajectories").glob("cot.stale-*"))) == 1
+
+
+class DyingTeacher(TeacherWorker):
+    """Kills its own process once (first life only), right after its 3rd episode is safely on disk."""
+
+    def _log(self, what: str, row_or_traj) -> None:
+        key = (row_or_traj["id"], row_or_traj["sample"]) if isinstance(row_or_traj, dict) else row_or_traj.key
+        with open(self.store.dir.parent / "events.log", "a") as f:
+            f.write(json.dumps([what, os.getpid(), *key]) + "\n")
+
+    async def run_one(self, row):
+        self._log("start", row)
+        return await super().run_one(row)
+
+    async def _add(self, traj):
+        await super()._add(traj)  # flush_interval_s=0: on disk when this returns
+        self._log("durable", traj)
+        marker = self.store.dir.parent / "died"
+        if not marker.exists() and self.episodes_run >= 3:
+            marker.write_text(str(os.getpid()))
+            os._exit(1)
+
+
+def test_teacher_actor_death_loses_no_finished_work(ray_local, tmp_path):
+    cfg = _cfg(tmp_path, "data.limit=4", "generate.episodes_per_worker=2", "generate.batch_size=4")
+    out = generate.run(cfg, worker_cls=DyingTeacher)
+    events = [json.loads(x) for x in (tmp_path / "run/trajectories/events.log").read_text().splitlines()]
+    dead_pid = int((tmp_path / "run/trajectories/died").read_text())
+    assert {pid for _, pid, *_ in events} - {dead_pid}, "the actor was not restarted"
+    durable_before = {(q, s) for what, pid, q, s in events if what == "durable" and pid == dead_pid}
+    assert len(durable_before) >= 3
+    restarted_starts = [(q, s) for what, pid, q, s in events if what == "start" and pid != dead_pid]
+    assert not durable_before & set(restarted_starts), "finished work was redone"
+    trajs, dups = TrajectoryStore(tmp_path / "run/trajectories/cot").read()
+    assert dups == 0 and len(trajs) == 8 == out["kinds"]["cot"]["generation"]["total"]

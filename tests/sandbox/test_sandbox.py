@@ -1,0 +1,284 @@
+"""Semantics of the sandbox: persistence, values, errors, final_answer, forks, crash safety, tools, async."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from raydistill.sandbox import Result, Sandbox, SandboxConfig, SandboxError
+from sbhelpers import REAL_IMPORT
+
+
+@pytest.fixture
+def sb():
+    s = Sandbox(step_timeout_s=5, kill_grace_s=2)
+    yield s
+    s.close()
+
+
+def test_state_persists_across_steps(sb):
+    assert sb.run("x = 20\ndef f(a):\n    return a + x").ok
+    assert sb.run("import math\ny = f(1)").ok
+    r = sb.run("print('y is', y)\nmath.factorial(4) + y")
+    assert (r.stdout, r.value, r.error) == ("y is 21\n", "45", None)
+    assert sb.run("[i * i for i in range(3)]").value == "[0, 1, 4]"
+    assert sb.run("z = 3").value is None  # statements have no value
+    assert sb.run("None").value is None
+
+
+def test_numpy_and_sympy_are_ready(sb):
+    r = sb.run("import numpy as np, sympy as sp\nx = sp.symbols('x')\n"
+               "print(sp.solve(x**2 - 4, x))\nint(np.arange(10).sum())")
+    assert r.ok, r.error
+    assert r.stdout == "[-2, 2]\n" and r.value == "45"
+
+
+def test_final_answer(sb):
+    sb.run("a = 6")
+    r = sb.run("print('done')\nfinal_answer(a * 7)\nprint('never')")
+    assert r.is_final and r.final_answer == 42 and r.stdout == "done\n" and r.error is None
+    r = sb.run("try:\n    final_answer('caught?')\nexcept Exception:\n    print('swallowed')")
+    assert r.is_final and r.final_answer == "caught?" and "swallowed" not in r.stdout
+    r = sb.run("import sympy\nfinal_answer(sympy.Rational(1, 3))")
+    assert r.is_final and r.final_answer == "1/3"
+    assert not sb.run("1").is_final
+
+
+def test_errors_show_only_user_frames(sb):
+    r = sb.run("def g(v):\n    return 1 / v\n\ng(0)")
+    assert r.error_type == "ZeroDivisionError"
+    assert r.error.startswith("Traceback (most recent call last):")
+    assert 'File "<code>", line 4, in <module>' in r.error and "return 1 / v" in r.error
+    assert r.error.endswith("ZeroDivisionError: division by zero")
+    assert "guest" not in r.error and "interp" not in r.error  # no sandbox internals
+    r = sb.run("x = (1,")
+    assert r.error_type == "SyntaxError" and '"<code>"' in r.error
+    r = sb.run("g(0)")  # a function defined in an earlier step
+    assert "<code from step" in r.error
+
+
+def test_import_guard_lists_authorized_modules(sb):
+    r = sb.run("import subprocess")
+    assert r.error_type == "ImportError"
+    assert "'subprocess' is not allowed" in r.error and "numpy" in r.error and "collections" in r.error
+    assert sb.run("from collections import Counter\nimport numpy.linalg\nCounter('aab')['a']").value == "2"
+    with Sandbox(authorized_imports=["math"]) as s2:
+        assert "not allowed" in s2.run("import numpy").error
+        assert s2.run("import math\nmath.pi > 3").value == "True"
+
+
+def test_output_is_capped_head_and_tail():
+    with Sandbox(max_output_chars=1000, max_value_chars=200) as s:
+        r = s.run("for i in range(100000):\n    print(i)\n'v' * 10000")
+        assert r.ok and r.stdout_truncated
+        assert len(r.stdout) < 1200 and r.stdout.startswith("0\n1\n") and r.stdout.endswith("99999\n")
+        assert "characters omitted" in r.stdout
+        assert len(r.value) < 400 and "characters omitted" in r.value
+
+
+def test_fork_isolation(sb):
+    sb.run("data = [1, 2]\nn = 10")
+    a, b = sb.fork(), sb.fork()
+    try:
+        assert a.run("data.append('a'); n += 1").ok
+        assert b.run("data.append('b'); n -= 1").ok
+        assert a.run("(data, n)").value == "([1, 2, 'a'], 11)"
+        assert b.run("(data, n)").value == "([1, 2, 'b'], 9)"
+        assert sb.run("(data, n)").value == "([1, 2], 10)"  # parent unchanged
+        c = a.fork()  # fork of a fork
+        assert c.run("data").value == "[1, 2, 'a']"
+        c.close()
+        many = sb.fork_many(3)
+        assert [m.run("n").value for m in many] == ["10"] * 3
+        for m in many:
+            m.close()
+    finally:
+        a.close()
+        b.close()
+    assert sb.run("n").value == "10"  # closing forks leaves the parent alone
+
+
+def test_deep_recursion_is_an_error(sb):
+    r = sb.run("def r(n):\n    return r(n + 1)\nr(0)")
+    assert r.error_type == "RecursionError" and not r.restored
+    assert sb.run("r").value.startswith("<function r")
+
+
+def test_failed_step_keeps_state(sb):
+    sb.run("kept = 'yes'")
+    r = sb.run("partial = 1\nraise ValueError('boom')")
+    assert r.error_type == "ValueError" and not r.restored
+    assert sb.run("(kept, partial)").value == "('yes', 1)"  # Jupyter semantics: partial effects stay
+
+
+def test_rollback_mode_discards_failed_step():
+    with Sandbox(on_error="rollback") as s:
+        s.run("kept = 1")
+        assert s.run("kept = 2\npartial = 1\n1/0").error_type == "ZeroDivisionError"
+        assert s.run("kept").value == "1"
+        assert s.run("'partial' in dir()").value == "False"
+    with pytest.raises(ValueError):
+        SandboxConfig(on_error="rollback", snapshots=False)
+
+
+def test_timeout_in_process_keeps_state():
+    with Sandbox(step_timeout_s=1, kill_grace_s=3) as s:
+        s.run("x = 1")
+        t0 = time.monotonic()
+        r = s.run("x = 2\nwhile True:\n    pass")
+        assert r.error_type == "timeout" and not r.restored and "1 seconds" in r.error
+        assert time.monotonic() - t0 < 3.5
+        assert s.run("x").value == "2"
+
+
+@pytest.mark.parametrize("crash", [
+    "os._exit(7)",
+    "os.kill(os.getpid(), 9)",
+    "real_import('ctypes').string_at(0)",  # segfault
+    # C stack overflow: recursion limit lifted, then recursion inside C (hash of deeply nested tuples)
+    "sys = real_import('sys')\nsys.setrecursionlimit(10**8)\nt = ()\nfor _ in range(10**6):\n    t = (t,)\nhash(t)",
+])
+def test_crash_restores_last_good_state(crash):
+    with Sandbox(step_timeout_s=10) as s:
+        s.run("good = [1, 2, 3]")
+        s.run("more = 'also kept'")
+        r = s.run(REAL_IMPORT + "os = real_import('os')\ngood.append(4)\n" + crash)
+        assert r.error_type in ("crash", "RecursionError"), r
+        if r.error_type == "crash":
+            assert r.restored and "restored" in r.error
+            assert s.run("(good, more)").value == "([1, 2, 3], 'also kept')"
+        assert s.run("1 + 1").value == "2"
+
+
+def test_hard_kill_when_code_ignores_the_timeout():
+    with Sandbox(step_timeout_s=1, kill_grace_s=1) as s:
+        s.run("x = 'before'")
+        code = REAL_IMPORT + ("signal = real_import('signal')\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+                              "x = 'during'\nwhile True:\n    pass")
+        t0 = time.monotonic()
+        r = s.run(code)
+        assert r.error_type == "timeout" and r.restored
+        assert 1.5 < time.monotonic() - t0 < 6
+        assert s.run("x").value == "'before'"
+
+
+def test_crash_before_first_snapshot_restarts_fresh():
+    with Sandbox(snapshots=False) as s:
+        s.run("x = 1")
+        r = s.run(REAL_IMPORT + "real_import('os')._exit(1)")
+        assert r.restored and "restarted empty" in r.error
+        assert s.run("'x' in dir()").value == "False"
+        assert s.run("2 * 3").value == "6"
+
+
+def test_tools_sync_async_and_errors():
+    calls = []
+
+    def add(a, b=0):
+        calls.append((a, b))
+        return a + b
+
+    async def shout(s):
+        await asyncio.sleep(0.01)
+        return s.upper()
+
+    def broken(q):
+        raise RuntimeError("index offline")
+
+    with Sandbox(tools={"add": add, "shout": shout, "broken": broken}) as s:
+        r = s.run("r = add(2, b=3)\nprint(shout('hi'))\nr")
+        assert (r.value, r.stdout, r.tool_calls) == ("5", "HI\n", 2)
+        assert calls == [(2, 3)]
+        r = s.run("broken('x')")
+        assert r.error_type == "ToolError" and "index offline" in r.error
+        r = s.run("try:\n    broken('x')\nexcept ToolError as e:\n    print('handled')")
+        assert r.ok and r.stdout == "handled\n"
+        r = s.run("add(object())")
+        assert r.error_type == "TypeError" and "JSON-serializable" in r.error
+    with pytest.raises(ValueError):
+        Sandbox(tools={"final_answer": add})
+
+
+def test_tool_time_is_not_step_time():
+    def slow(x):
+        time.sleep(1.5)
+        return x
+
+    with Sandbox(tools={"slow": slow}, step_timeout_s=1, kill_grace_s=0.5) as s:
+        r = s.run("slow(1) + slow(2)")
+        assert r.ok and r.value == "3" and r.tool_s >= 2.9
+
+
+def test_async_tool_runs_on_the_callers_loop():
+    async def main():
+        loop = asyncio.get_running_loop()
+        seen = []
+
+        async def where(q):
+            seen.append(asyncio.get_running_loop() is loop)
+            return q
+
+        async with Sandbox(tools={"where": where}) as s:
+            r = await s.arun("where('q')")
+        return r, seen
+
+    r, seen = asyncio.run(main())
+    assert r.value == "'q'" and seen == [True]
+
+
+def test_async_api_does_not_block_the_loop_and_scales():
+    async def main():
+        ticks = 0
+        stop = False
+
+        async def ticker():
+            nonlocal ticks
+            while not stop:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        t = asyncio.get_running_loop().create_task(ticker())
+        boxes = [Sandbox() for _ in range(40)]
+        t0 = time.monotonic()
+        results = await asyncio.gather(*(b.arun(f"import time\ntime.sleep(1)\n{i} * 2") for i, b in enumerate(boxes)))
+        wall = time.monotonic() - t0
+        forks = await asyncio.gather(*(b.afork() for b in boxes[:5]))
+        fr = await asyncio.gather(*(f.arun("1") for f in forks))
+        await asyncio.gather(*(b.aclose() for b in boxes + forks))
+        stop = True
+        await t
+        return results, fr, wall, ticks
+
+    results, fr, wall, ticks = asyncio.run(main())
+    assert [r.value for r in results] == [str(i * 2) for i in range(40)]
+    assert all(r.value == "1" for r in fr)
+    assert wall < 20  # 40 one-second sleeps overlap (serially it would be 40 s)
+    assert ticks > wall * 20  # the loop kept ticking while sandboxes ran
+
+
+def test_isolation_is_reported_and_bad_levels_refused():
+    with Sandbox() as s:
+        info = s.isolation
+        assert s.isolation_level in ("bwrap", "seccomp")
+        assert info["level"] == s.isolation_level and info["seccomp"] is True
+    with pytest.raises(SandboxError):
+        Sandbox(isolation="rlimits").run("1")  # below the default min_isolation="seccomp"
+    with pytest.raises(TypeError):
+        Sandbox(not_an_option=1)
+
+
+def test_closed_sandbox_refuses_work():
+    s = Sandbox()
+    s.run("1")
+    s.close()
+    s.close()  # idempotent
+    with pytest.raises(SandboxError):
+        s.run("1")
+
+
+def test_code_too_long_is_a_model_error():
+    with Sandbox(max_code_chars=100) as s:
+        r = s.run("x = 1\n" * 50)
+        assert r.error_type == "CodeTooLong" and isinstance(r, Result)
