@@ -51,7 +51,16 @@ def test_yaml_errors(tmp_path):
         load_config(scalar)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+ROOT_CONFIGS = [p for p in sorted((REPO / "configs").rglob("*.yaml")) if "applications:" not in p.read_text()]
+
+
+def test_local_and_paper_configs_exist():
+    names = {p.relative_to(REPO / "configs").as_posix() for p in ROOT_CONFIGS}
+    assert "local.yaml" in names
+    assert {f"paper/qwen2.5-{s}b.yaml" for s in ("0.5", "1.5", "3", "7")} <= names
+
+
+@pytest.mark.parametrize("path", ROOT_CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
     assert cfg.run_dir

@@ -52,8 +52,11 @@ async def solve(cfg: Any, question: str, *, role: str = "student", sag: bool = F
     try:
         if cot:
             return await run_cot(engine, record, cfg.agent, role=role, seed=seed)
-        return await run_episode(engine, None, record, cfg.agent, role=role, tools=tools or {}, seed=seed,
-                                 sag=sag or cfg.agent.sag.enabled)
+        from raydistill.sandbox import Sandbox
+
+        tools = dict(tools or {})
+        return await run_episode(engine, lambda: Sandbox(tools=tools, config=cfg.sandbox), record, cfg.agent,
+                                 role=role, tools=tools, seed=seed, sag=sag or cfg.agent.sag.enabled)
     finally:
         await engine.aclose()
 
@@ -67,7 +70,7 @@ def format_trajectory(t: Trajectory) -> str:
                                  ("final", s.is_final)) if on]
         out.append(f"\n--- step {i} ({s.completion_tokens} tokens, gen {s.gen_s:.2f}s, exec {s.exec_s:.2f}s)"
                    + (f" [{', '.join(flags)}]" if flags else ""))
-        out.append(s.raw_text)
+        out.append(s.raw_text if s.raw_text.strip() else "(empty reply)")
         if s.sag:
             v = json.loads(s.sag)
             out.append(f"[sag: {v['survived']}/{v['n']} candidates survived, chosen #{v['chosen']}, "

@@ -60,5 +60,6 @@ class EngineConfig(Section):
         from raydistill.engines.base import available_backends, backend_exists
 
         if not backend_exists(v):
-            raise ValueError(f"unknown engine backend {v!r}; available: {', '.join(available_backends())}")
+            known = ', '.join(repr(b) for b in available_backends())
+            raise ValueError(f"unknown engine backend {v!r}; available: {known}")
         return v

@@ -29,6 +29,9 @@ class EvaluateConfig(Section):
     model_size_b: float | None = Field(None, gt=0)
     """Student size in billions of parameters for the accuracy-vs-size plot; default: counted from the
     model config (or parsed from a name like `...-1.5B-...`)."""
+    cot_max_new_tokens: int | None = Field(None, ge=1)
+    """Token budget of one CoT answer (cot / rag_cot); None: generate.cot_max_new_tokens, else
+    agent.max_new_tokens."""
     endpoint: str | None = None
     """Evaluate against a running Serve endpoint (base URL, e.g. http://127.0.0.1:8000) instead of offline
     engines. Agent modes call /v1/solve; CoT modes call its /v1/chat/completions."""

@@ -79,6 +79,9 @@ class SandboxConfig(Section):
     snapshots: bool = True
     """Keep a forked copy of the last committed state per sandbox (made after each step, off the critical
     path), so a crash or kill loses only the failed step."""
+    warm_sandboxes: int = Field(2, ge=0)
+    """Fresh sandboxes kept pre-started per configuration (refilled in the background), so `Sandbox()` is
+    ready at once; they have run no code. 0 starts every sandbox on demand."""
     start_timeout_s: float = Field(60.0, gt=0)
     """Time allowed for the zygote (imports numpy/sympy once) and for each sandbox to come up."""
     zygote_tmp_mb: int = Field(16, ge=1)

@@ -39,5 +39,8 @@ class ServeConfig(Section):
     max_question_chars: int = Field(20_000, ge=1)
     request_timeout_s: float = Field(600, gt=0)
     """Per-request time limit: a solve past it is cancelled and answered 504."""
+    engine_factory: str | None = None
+    """`module:function` taking the student EngineConfig and returning an Engine, used instead of
+    `create_engine` in the engine deployment (benchmarks wrap the engine in fixed-action mode)."""
     blocking: bool = True
     """`raydistill serve` keeps running until interrupted (False: deploy and return)."""

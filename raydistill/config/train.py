@@ -44,6 +44,10 @@ class TrainConfig(Section):
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa_varlen", "sdpa", "flex_attention", "eager"] = "auto"
     """auto: flash_attention_2 (varlen) on GPU when flash_attn is installed, else sdpa_varlen (one SDPA call per
     packed sample), or sdpa without packing."""
+    ingest: Literal["read_parquet", "driver"] = "read_parquet"
+    """How the SFT Parquet enters Ray Data: `ray.data.read_parquet` (distributed read tasks), or read by the driver
+    with pyarrow and handed over with `ray.data.from_arrow` (no read tasks: quicker for small data on busy
+    machines). Either way the blocks are materialised once and every epoch streams them to the workers."""
     shuffle_buffer: int = Field(256, ge=0)
     """Rows in each worker's local shuffle buffer (per-epoch seed); 0 keeps file order."""
     lora: LoraConfig = LoraConfig()

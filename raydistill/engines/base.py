@@ -189,7 +189,8 @@ def backend_exists(name: str) -> bool:
 def get_engine_class(name: str) -> type[Engine]:
     if name not in _REGISTRY:
         if not backend_exists(name):
-            raise EngineError(f"unknown engine backend {name!r}; available: {', '.join(available_backends())}")
+            known = ', '.join(repr(b) for b in available_backends())
+            raise EngineError(f"unknown engine backend {name!r}; available: {known}")
         importlib.import_module(backend_module(name))
         if name not in _REGISTRY:
             raise EngineError(f"module {backend_module(name)} did not register an engine named {name!r}")

@@ -102,13 +102,13 @@ class OpenAIEngine(Engine):
                     await asyncio.sleep(delay)
                 except openai.BadRequestError as e:
                     self.counters["failures"] += 1
-                    msg = str(e)
+                    msg = _error_text(e)
                     if any(h in msg.lower() for h in _CONTEXT_HINTS):
                         raise PromptTooLongError(msg) from e
                     raise EngineError(f"openai bad request: {msg}") from e
                 except openai.APIStatusError as e:
                     self.counters["failures"] += 1
-                    raise EngineError(f"openai error {e.status_code}: {e}") from e
+                    raise EngineError(f"openai error {e.status_code}: {_error_text(e)}") from e
         raise AssertionError("unreachable")
 
     async def _call(self, client: Any, request: ChatRequest, params: SamplingParams) -> list[Completion]:
@@ -164,3 +164,20 @@ class OpenAIEngine(Engine):
         self.counters["prompt_tokens"] += prompt_tokens
         self.counters["generated_tokens"] += sum(c.completion_tokens for c in out)
         return out
+
+
+def _error_text(e: Any) -> str:
+    """The server's own message (OpenAI `{"error": {"message"}}` or FastAPI `{"detail"}`), not just the code."""
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            msg = inner.get("message") or inner.get("detail")
+            if msg:
+                return str(msg)
+        if body.get("detail"):
+            return str(body["detail"])
+    try:
+        return e.response.text or str(e)
+    except Exception:
+        return str(e)

@@ -49,9 +49,16 @@ class _CompletionBody(_Common):
 
 def build_app(engine: Engine, model_name: str | None = None, default_max_tokens: int = 256):
     """FastAPI app exposing `engine` at /v1/chat/completions, /v1/completions, /v1/models, /health."""
-    from fastapi import FastAPI, HTTPException
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import JSONResponse
 
     app = FastAPI(title="raydistill engine (OpenAI-compatible)")
+
+    @app.exception_handler(HTTPException)
+    async def _openai_error(_: Request, exc: HTTPException) -> JSONResponse:
+        # OpenAI clients read {"error": {"message", "type", "code"}}
+        return JSONResponse({"error": {"message": str(exc.detail), "type": "BadRequestError",
+                                       "code": exc.status_code}}, status_code=exc.status_code)
     name = model_name or engine.model_name
 
     def _tok_str(tid: int) -> str:

@@ -51,6 +51,7 @@ class VLLMEngine(Engine):
     def __init__(self, cfg: EngineConfig) -> None:
         super().__init__(cfg)
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+        import vllm  # noqa: F401  (first: fail fast where vLLM is not installed)
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM

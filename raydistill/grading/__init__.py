@@ -6,6 +6,7 @@ No Ray here. `raydistill.grading.judge.LLMJudge` is imported on demand (it pulls
 from raydistill.grading.dispatch import DOMAINS, grade
 from raydistill.grading.math import (
     DEFAULT_TIMEOUT_S,
+    amath_equal,
     configure,
     extract_answer,
     extract_boxed,
@@ -19,6 +20,7 @@ from raydistill.grading.qa import extract_qa_answer, normalize_answer, qa_scores
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "DOMAINS",
+    "amath_equal",
     "configure",
     "extract_answer",
     "extract_boxed",

@@ -16,6 +16,7 @@ Rules (METHOD.md §3):
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -336,20 +337,51 @@ atexit.register(shutdown)
 # Public API
 
 
-def _prepare(pred: Any, gold: Any) -> tuple[str, str, bool] | None:
-    gold_s = _as_text(gold)
-    if gold_s is None or not gold_s.strip():
+def _gold_answers(gold: Any) -> list[str]:
+    """The gold as a list of answers (a list/tuple/array holds aliases, any one counts); ValueError if none."""
+    items = gold.tolist() if hasattr(gold, "tolist") else gold
+    items = list(items) if isinstance(items, (list, tuple)) else [items]
+    answers = []
+    for item in items:
+        text = _as_text(item)
+        if text is None or not text.strip():
+            continue
+        ans, _ = extract_answer(text)
+        if not ans:
+            raise ValueError(f"math_equal: the gold answer {item!r} has an empty \\boxed{{}}")
+        answers.append(ans)
+    if not answers:
         raise ValueError(f"math_equal: the gold answer is empty ({gold!r})")
-    gold_ans, _ = extract_answer(gold_s)
-    if not gold_ans:
-        raise ValueError(f"math_equal: the gold answer {gold!r} has an empty \\boxed{{}}")
+    return answers
+
+
+def _prepare(pred: Any, gold: Any) -> tuple[str, bool, list[str]] | None:
+    """(pred answer, was boxed, gold answers), or None when the prediction is empty."""
+    golds = _gold_answers(gold)
     pred_s = _as_text(pred)
     if pred_s is None or not pred_s.strip():
         return None
     pred_ans, pred_boxed = extract_answer(pred_s)
     if not pred_ans:
         return None
-    return pred_ans, gold_ans, pred_boxed
+    return pred_ans, pred_boxed, golds
+
+
+def _fast_any(pred_ans: str, golds: list[str]) -> tuple[bool | None, list[str]]:
+    """(True, []) if a gold matches on a fast path; (False, []) if all are decided unequal;
+    (None, undecided golds) otherwise."""
+    pending = []
+    for g in golds:
+        r = _fast_compare(pred_ans, g)
+        if r:
+            return True, []
+        if r is None:
+            pending.append(g)
+    return (None, pending) if pending else (False, [])
+
+
+def _symbolic_any(pred_ans: str, pred_boxed: bool, golds: list[str], timeout: float | None) -> bool:
+    return any(_symbolic_with_limit(pred_ans, g, pred_boxed, timeout) for g in golds)
 
 
 # Python-style scientific notation: needs a signed exponent or a decimal point, so `2e` (2 times e) stays
@@ -383,17 +415,29 @@ def math_equal(pred: Any, gold: Any, *, timeout: float | None = None) -> bool:
     """Is the prediction's final answer equivalent to the gold? See the module docstring for the rules.
 
     `pred`: model output or final answer (str, number, anything with a str()); None/empty -> False.
-    `gold`: the gold answer (str or number); empty -> ValueError. `timeout`: seconds for the symbolic
-    part (default DEFAULT_TIMEOUT_S); past it the answer counts as not equal.
+    `gold`: the gold answer (str or number), or a list of acceptable answers; empty -> ValueError.
+    `timeout`: seconds for each symbolic comparison (default DEFAULT_TIMEOUT_S); past it, not equal.
     """
     prepared = _prepare(pred, gold)
     if prepared is None:
         return False
-    pred_ans, gold_ans, pred_boxed = prepared
-    fast = _fast_compare(pred_ans, gold_ans)
+    pred_ans, pred_boxed, golds = prepared
+    fast, pending = _fast_any(pred_ans, golds)
     if fast is not None:
         return fast
-    return _symbolic_with_limit(pred_ans, gold_ans, pred_boxed, timeout)
+    return _symbolic_any(pred_ans, pred_boxed, pending, timeout)
+
+
+async def amath_equal(pred: Any, gold: Any, *, timeout: float | None = None) -> bool:
+    """`math_equal` for event-loop code (agent episodes, Serve replicas): the wait runs in a thread."""
+    prepared = _prepare(pred, gold)
+    if prepared is None:
+        return False
+    pred_ans, pred_boxed, golds = prepared
+    fast, pending = _fast_any(pred_ans, golds)
+    if fast is not None:
+        return fast
+    return await asyncio.to_thread(_symbolic_any, pred_ans, pred_boxed, pending, timeout)
 
 
 def math_equal_many(preds: Sequence[Any], golds: Sequence[Any], *, timeout: float | None = None,
@@ -402,7 +446,7 @@ def math_equal_many(preds: Sequence[Any], golds: Sequence[Any], *, timeout: floa
     if len(preds) != len(golds):
         raise ValueError(f"math_equal_many: {len(preds)} predictions but {len(golds)} golds")
     out: list[bool | None] = [None] * len(preds)
-    pending: list[tuple[int, str, str, bool]] = []
+    pending: list[tuple[int, str, bool, list[str]]] = []
     for i, (p, g) in enumerate(zip(preds, golds, strict=True)):
         try:
             prepared = _prepare(p, g)
@@ -411,15 +455,15 @@ def math_equal_many(preds: Sequence[Any], golds: Sequence[Any], *, timeout: floa
         if prepared is None:
             out[i] = False
             continue
-        fast = _fast_compare(prepared[0], prepared[1])
+        fast, todo = _fast_any(prepared[0], prepared[2])
         if fast is not None:
             out[i] = fast
         else:
-            pending.append((i, *prepared))
+            pending.append((i, prepared[0], prepared[1], todo))
     if pending:
         n = max_workers or get_pool().size
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="math-equal") as ex:
-            results = ex.map(lambda t: _symbolic_with_limit(t[1], t[2], t[3], timeout), pending)
+            results = ex.map(lambda t: _symbolic_any(t[1], t[2], t[3], timeout), pending)
             for (i, *_), r in zip(pending, results, strict=True):
                 out[i] = r
     return [bool(x) for x in out]

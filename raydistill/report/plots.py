@@ -18,6 +18,21 @@ def _pct(x: float | None) -> float:
     return 0.0 if x is None else 100.0 * x
 
 
+def _label_bars(ax, bars, values: list[float | None]) -> None:
+    """Value on top of each bar (so a 0 reads as 0, not as a missing bar); `None` = no result, marked n/a."""
+    for bar, v in zip(bars, values, strict=True):
+        text = "n/a" if v is None else f"{v:.0f}"
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 1.5),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=5.5, rotation=90)
+
+
+def _values(s: Series, benchmarks: list[str]) -> list[float | None]:
+    vals = [None if b not in s.cells or s.cells[b].accuracy is None else _pct(s.cells[b].accuracy)
+            for b in benchmarks]
+    macro = s.macro_accuracy(benchmarks)
+    return [*vals, None if macro is None else _pct(macro)]
+
+
 def accuracy_by_benchmark(series: list[Series], benchmarks: list[str], path: Path) -> Path:
     """Grouped bars: one group per benchmark (plus the macro average), one bar per (model, mode)."""
     groups = [*benchmarks, "average"]
@@ -26,15 +41,16 @@ def accuracy_by_benchmark(series: list[Series], benchmarks: list[str], path: Pat
     fig, ax = plt.subplots(figsize=(min(16.0, max(8.0, 0.9 * len(groups) * max(1.0, k / 4))), 4.8))
     cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
     for i, s in enumerate(series):
-        vals = [_pct(s.cells[b].accuracy) if b in s.cells else 0.0 for b in benchmarks]
-        vals.append(_pct(s.macro_accuracy(benchmarks)))
+        vals = _values(s, benchmarks)
         xs = [g + (i - (k - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, vals, width=width * 0.95, label=s.name, color=cmap(i % cmap.N),
-               hatch=_MODE_HATCH.get(s.mode, ""), edgecolor="black", linewidth=0.4)
+        bars = ax.bar(xs, [v or 0.0 for v in vals], width=width * 0.95, label=s.name, color=cmap(i % cmap.N),
+                      hatch=_MODE_HATCH.get(s.mode, ""), edgecolor="black", linewidth=0.4)
+        if len(series) * len(groups) <= 60:
+            _label_bars(ax, bars, vals)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 108)
     ax.set_title("Accuracy per benchmark")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=min(k, 4), loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
@@ -63,7 +79,7 @@ def accuracy_vs_size(series: list[Series], benchmarks: list[str], path: Path) ->
     ax.minorticks_off()
     ax.set_xlabel("student size (billion parameters)")
     ax.set_ylabel("average accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 106)
     ax.set_title("Accuracy vs model size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -88,17 +104,18 @@ def sag_on_off(series: list[Series], benchmarks: list[str], path: Path) -> Path 
     for j, m in enumerate(models):
         for h, mode in enumerate(("agent", "agent_sag")):
             s = by_key[(m, mode)]
-            vals = [_pct(s.cells[b].accuracy) if b in s.cells else 0.0 for b in benchmarks]
-            vals.append(_pct(s.macro_accuracy(benchmarks)))
+            vals = _values(s, benchmarks)
             i = 2 * j + h
             xs = [g + (i - (k - 1) / 2) * width for g in range(len(groups))]
-            ax.bar(xs, vals, width=width * 0.95, color=cmap(j % 10), alpha=1.0 if h else 0.55,
-                   hatch="//" if h else "", edgecolor="black", linewidth=0.4,
-                   label=f"{m}: sag {'on' if h else 'off'}")
+            bars = ax.bar(xs, [v or 0.0 for v in vals], width=width * 0.95, color=cmap(j % 10),
+                          alpha=1.0 if h else 0.55, hatch="//" if h else "", edgecolor="black", linewidth=0.4,
+                          label=f"{m}: sag {'on' if h else 'off'}")
+            if k * len(groups) <= 60:
+                _label_bars(ax, bars, vals)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 108)
     ax.set_title("Self-consistent action generation: off vs on")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=min(k, 4), loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)

@@ -253,11 +253,13 @@ def build_index(chunks: Sequence[np.ndarray] | np.ndarray, kind: str = "flat", *
         index = faiss.IndexHNSWFlat(dim, params["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = params["ef_construction"]
     else:
-        index = faiss.index_factory(dim, f"IVF{params['nlist']},PQ{params['pq_m']}x{params['pq_nbits']}",
+        # `np`: no polysemous training (unused at search time, and 100x the training cost of the PQ itself)
+        index = faiss.index_factory(dim, f"IVF{params['nlist']},PQ{params['pq_m']}x{params['pq_nbits']}np",
                                     faiss.METRIC_INNER_PRODUCT)
         ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-        ivf.cp.seed = seed
-        ivf.pq.cp.seed = seed
+        for cp in (ivf.cp, ivf.pq.cp):  # deterministic k-means; small corpora were already warned about above
+            cp.seed = seed
+            cp.min_points_per_centroid = 1
         train = _training_sample(chunks, n, max(train_size, params["nlist"] * 39), seed)
         params["train_size"] = int(len(train))
         index.train(train)

@@ -136,6 +136,22 @@ class AsyncChannel:
                 return False
         return True
 
+    def peer_exited(self) -> None:
+        """The peer process died: take in what it left in the socket, then fail further receives."""
+        if self._error is None:
+            self._on_readable()
+            while self._error is None and self._has_data():
+                self._on_readable()
+            self._fail(ChannelClosed(f"{self.name} process exited"))
+
+    def _has_data(self) -> bool:
+        import select
+
+        try:
+            return bool(select.select([self.sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
+
     async def recv(self) -> dict:
         while not self._queue:
             if self._error is not None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import copy
 import itertools
+import json
 import logging
 import os
 import random
@@ -18,7 +20,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from typing import Any
 
 from raydistill.config.sandbox import LEVELS, SandboxConfig
@@ -29,6 +32,8 @@ from raydistill.sandbox.proc import Proc, SandboxProcessError
 log = logging.getLogger("raydistill.sandbox")
 
 FAMILY_UID_BASE = 0x50000000
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+WARM_CONFIGS = 4
 WEAK_WARNING = ("SANDBOX ISOLATION IS WEAKER THAN REQUESTED: running model code at level {level!r} ({why}). "
                 "No namespaces: the host's files are hidden only by Landlock (if available) and the network only "
                 "by seccomp. Install bubblewrap and allow unprivileged user namespaces for full isolation.")
@@ -56,6 +61,8 @@ class Zygote:
         self._reader: asyncio.Task | None = None
         self.families: set[Family] = set()
         self.dead = False
+        self._warm: OrderedDict[str, list[tuple[Family, Proc]]] = OrderedDict()
+        self._refilling: dict[str, asyncio.Task] = {}
 
     @property
     def alive(self) -> bool:
@@ -91,7 +98,7 @@ class Zygote:
         self.chan = AsyncChannel(host, loop, max_frame=1 << 20, name="zygote")
         try:
             hello = await asyncio.wait_for(self.chan.recv(), cfg.start_timeout_s)
-        except (asyncio.TimeoutError, ChannelClosed, ProtocolViolation) as e:
+        except (TimeoutError, ChannelClosed, ProtocolViolation) as e:
             await asyncio.sleep(0.05)
             self.close()
             raise SandboxError(f"the {self.level} zygote did not start ({type(e).__name__}: {e}). "
@@ -171,33 +178,91 @@ class Zygote:
             wg.close()
             ig.close()
         depth = 2 if self.mode == "bwrap" else 1
-        max_frame = 1 << 20
-        acc = asyncio.gather(Proc.accept(wh, loop, role="warden", max_frame=max_frame, timeout=timeout,
-                                         min_ns_depth=depth),
-                             Proc.accept(ih, loop, role="active", max_frame=spec["host_max_frame"],
-                                         timeout=timeout, min_ns_depth=depth),
-                             return_exceptions=True)
-        done, _ = await asyncio.wait({reply, acc}, return_when=asyncio.FIRST_COMPLETED)
-        if reply in done and reply.exception() is None and not reply.result().get("ok", False):
-            acc.cancel()
-            self.hub.free_uid(family_uid)
-            raise SandboxError(f"zygote could not fork a family: {reply.result().get('error')}")
-        results = await acc
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            for r in results:
-                if isinstance(r, Proc):
-                    r.kill()
-                    r.close()
-            self.hub.free_uid(family_uid)
-            raise SandboxError(f"sandbox family failed to start: {errors[0]}") from None
+        tw = loop.create_task(Proc.accept(wh, loop, role="warden", max_frame=1 << 20, timeout=timeout,
+                                          min_ns_depth=depth))
+        ti = loop.create_task(Proc.accept(ih, loop, role="active", max_frame=spec["host_max_frame"],
+                                          timeout=timeout, min_ns_depth=depth))
+        pending: set[asyncio.Future] = {reply, tw, ti}
+        error = None
+        try:
+            while error is None and not (tw.done() and ti.done()):
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if reply in done:
+                    if reply.exception() is not None:
+                        error = str(reply.exception())
+                    elif not reply.result().get("ok", False):
+                        error = f"zygote could not fork a family: {reply.result().get('error')}"
+                for t in (tw, ti):
+                    if t in done and t.exception() is not None:
+                        error = f"sandbox family failed to start: {t.exception()}"
+        except BaseException:
+            error = error or "cancelled"
+            raise
+        finally:
+            if error is not None:
+                self._replies.pop(fid, None)
+                for t in (tw, ti):
+                    if not t.done():
+                        t.cancel()
+                    elif t.exception() is None:
+                        t.result().kill()
+                        t.result().close()
+                self.hub.free_uid(family_uid)
+                if spec["family"].get("tmp_dir"):
+                    shutil.rmtree(spec["family"]["tmp_dir"], ignore_errors=True)
+        if error is not None:
+            raise SandboxError(error)
+        results = (tw.result(), ti.result())
         warden, active = results
         fam = Family(self, warden, spec, family_uid)
         self.families.add(fam)
         return fam, active
 
+    async def take_family(self, spec: dict, timeout: float, warm: int) -> tuple[Family, Proc]:
+        """A family for `spec`: a pre-started one when available (then refilled in the background), else
+        a new one. Pre-started families are fresh interpreters that have run no code."""
+        key = json.dumps(spec, sort_keys=True)
+        pool = self._warm.setdefault(key, [])
+        self._warm.move_to_end(key)
+        while len(self._warm) > WARM_CONFIGS:  # keep pre-started sandboxes for the most recent configs only
+            old_key, old = self._warm.popitem(last=False)
+            task = self._refilling.pop(old_key, None)
+            if task is not None:
+                task.cancel()
+            for fam, _ in old:
+                await fam.close()
+        got = None
+        while pool:
+            fam, active = pool.pop()
+            if fam.warden.alive and active.alive:
+                got = fam, active
+                break
+            await fam.close()
+        if warm > 0 and not self.dead:
+            task = self._refilling.get(key)
+            if task is None or task.done():
+                self._refilling[key] = self.hub.loop.create_task(self._refill(key, spec, timeout, warm))
+        if got is not None:
+            return got
+        return await self.new_family(copy.deepcopy(spec), timeout)
+
+    async def _refill(self, key: str, spec: dict, timeout: float, warm: int) -> None:
+        pool = self._warm.get(key)
+        while pool is not None and len(pool) < warm and not self.dead and not self.hub.closing:
+            try:
+                made = await self.new_family(copy.deepcopy(spec), timeout)
+                if self._warm.get(key) is not pool:  # evicted meanwhile
+                    await made[0].close()
+                    return
+                pool.append(made)
+            except Exception as e:  # noqa: BLE001 - the on-demand path reports errors to callers
+                log.debug("sandbox warm family failed: %s", e)
+                return
+
     def close(self) -> None:
         self.dead = True
+        for task in self._refilling.values():
+            task.cancel()
         if self._reader is not None:
             self._reader.cancel()
         if self.chan is not None:
@@ -279,7 +344,7 @@ class Family:
                                   timeout=timeout, min_ns_depth=2 if self.ns else 1)
             self.add(p)
             return p
-        except (ChannelClosed, ProtocolViolation, asyncio.TimeoutError, SandboxProcessError) as e:
+        except (TimeoutError, ChannelClosed, ProtocolViolation, SandboxProcessError) as e:
             raise SandboxError(f"could not start a fresh interpreter: {e}") from None
         finally:
             self.end_fork(self.warden)
@@ -304,9 +369,16 @@ class Family:
                 return
 
     async def sweep(self) -> int:
-        keep = [p.inner_pid for p in self.members if p.alive and p.inner_pid is not None]
-        spare = [p.inner_pid for p in self.forking if p.inner_pid is not None]
-        reply = await self._warden_request({"op": "sweep", "keep": keep, "spare": spare}, timeout=30.0)
+        """Kill family processes that are not registered, not a fork in flight, and older than now (so a
+        step that started after this call keeps what it forks)."""
+        async with self._wlock:
+            as_of = int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
+            level = 1 if self.ns else 0  # the warden's /proc is bubblewrap's pid namespace (or the host's)
+            live = [p for p in self.members if p.alive and len(p.nspids) > level]
+            msg = {"op": "sweep", "as_of": as_of, "keep": [p.inner_pid for p in live],
+                   "keep_view": [p.nspids[level] for p in live],
+                   "spare_view": [p.nspids[level] for p in self.forking if len(p.nspids) > level]}
+            reply = await self.warden.request(msg, (), 30.0)
         return int(reply.get("killed", 0))
 
     def acquire(self) -> None:
@@ -331,7 +403,7 @@ class Family:
             try:  # without a pid namespace the warden hunts down what is left, then exits
                 await asyncio.wait_for(self.warden.chan.send({"op": "exit"}), 2)
                 await asyncio.wait_for(asyncio.shield(self.warden.exited), 5)
-            except (asyncio.TimeoutError, ChannelClosed):
+            except (TimeoutError, ChannelClosed):
                 pass
         self.warden.kill()  # under namespaces: pid 1 of the family exits -> the kernel kills all of it
         self.warden.close()

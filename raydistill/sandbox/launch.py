@@ -162,7 +162,8 @@ def bwrap_plan(zfd: int, cfg: dict, site_dirs: list[str], tmp_mb: int) -> Launch
         bound.append(p)
     guest_dest = f"{GUEST_MOUNT}/guest"
     args += [*dirs_for(guest_dest), "--ro-bind", str(GUEST_DIR), guest_dest]
-    args += ["--proc", "/proc", "--dev", "/dev", "--size", str(tmp_mb << 20), "--tmpfs", "/tmp", "--chdir", "/tmp"]
+    args += ["--proc", "/proc", "--dev", "/dev", "--size", str(tmp_mb << 20), "--tmpfs", "/tmp",
+             "--remount-ro", "/", "--chdir", "/tmp"]
     cfg = dict(cfg, fd=zfd, mode="bwrap")
     args += [python_executable(), "-I", "-S", "-B", "-c", BOOT.format(path=GUEST_MOUNT), json.dumps(cfg)]
     return LaunchPlan("bwrap", args, (zfd,) + ((userns_fd,) if userns_fd is not None else ()), None, None,

@@ -29,6 +29,7 @@ class Proc:
         self.role = role
         self.pid: int | None = None
         self.inner_pid: int | None = None
+        self.nspids: list[int] = []
         self.pidfd: int | None = None
         self.exited: asyncio.Future = chan.loop.create_future()
         self.killed = False
@@ -40,17 +41,22 @@ class Proc:
         chan = AsyncChannel(sock, loop, max_frame=max_frame, name=role)
         p = cls(chan, role)
         try:
-            msg = await asyncio.wait_for(chan.recv(), timeout)
+            async with asyncio.timeout(timeout):
+                msg = await chan.recv()
             if msg.get("op") == "error":
                 raise SandboxProcessError(str(msg.get("message"))[:2000])
             if msg.get("op") != "hello" or msg.get("role") != role or not chan.peer_pid:
                 raise SandboxProcessError(f"unexpected first message from {role}: {str(msg)[:200]}")
             p._pin(chan.peer_pid, min_ns_depth)
-            await asyncio.wait_for(chan.send({"op": "ping"}), timeout)
-            pong = await asyncio.wait_for(chan.recv(), timeout)  # proves the pinned pid holds the channel
-            if pong.get("op") != "pong":
-                raise SandboxProcessError(f"{role} did not answer ping: {str(pong)[:200]}")
-        except asyncio.TimeoutError:
+            if min_ns_depth < 2:
+                # No pid namespace to vouch for the pid: make the pinned process prove it holds the channel
+                # (a pid reused between hello and pidfd_open would not answer).
+                async with asyncio.timeout(timeout):
+                    await chan.send({"op": "ping"})
+                    pong = await chan.recv()
+                if pong.get("op") != "pong":
+                    raise SandboxProcessError(f"{role} did not answer ping: {str(pong)[:200]}")
+        except TimeoutError:
             p.kill()
             p.close()
             raise SandboxProcessError(f"{role} did not start within {timeout:g} s") from None
@@ -77,7 +83,7 @@ class Proc:
         if len(ns) < min_ns_depth:  # a pid reused by a host process would sit in our own namespace
             os.close(fd)
             raise SandboxProcessError(f"pid {pid} is not inside the sandbox's pid namespace")
-        self.pid, self.inner_pid, self.pidfd = pid, ns[-1], fd
+        self.pid, self.inner_pid, self.nspids, self.pidfd = pid, ns[-1], ns, fd
         self.chan.loop.add_reader(fd, self._on_exit)
 
     def _on_exit(self) -> None:
@@ -85,6 +91,7 @@ class Proc:
             self.chan.loop.remove_reader(self.pidfd)
         except (ValueError, OSError):
             pass
+        self.chan.peer_exited()  # keeps what it sent before dying, then reports the channel closed
         if not self.exited.done():
             self.exited.set_result(None)
 
@@ -114,24 +121,13 @@ class Proc:
 
     async def request(self, msg: dict, fds: tuple[int, ...] | list[int] = (), timeout: float = 30.0) -> dict:
         """Send and wait for the next message (or exit / timeout)."""
-        await asyncio.wait_for(self.chan.send(msg, fds), timeout)
-        return await self.next(timeout)
+        async with asyncio.timeout(timeout):
+            await self.chan.send(msg, fds)
+            return await self.chan.recv()
 
     async def next(self, timeout: float | None) -> dict:
-        """The next message; raises ChannelClosed if the process exits first, TimeoutError on timeout."""
-        recv = asyncio.ensure_future(self.chan.recv())
-        try:
-            done, _ = await asyncio.wait({recv, self.exited}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if recv in done:
-                return recv.result()
-            if self.exited in done:
-                # it may have sent its last words just before dying
-                await asyncio.sleep(0)
-                if self.chan.pending():
-                    return await self.chan.recv()
-                raise ChannelClosed(f"{self.role} process exited")
-            raise asyncio.TimeoutError()
-        finally:
-            if not recv.done():
-                recv.cancel()
+        """The next message; ChannelClosed once the process is gone, TimeoutError on timeout."""
+        if timeout is None:
+            return await self.chan.recv()
+        async with asyncio.timeout(timeout):
+            return await self.chan.recv()

@@ -90,7 +90,8 @@ def check_tools(tools: Mapping[str, Callable] | None) -> dict[str, Callable]:
 
 
 def _is_async(fn: Callable) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+    call = type(fn).__call__ if not inspect.isroutine(fn) else None
+    return inspect.iscoroutinefunction(fn) or (call is not None and inspect.iscoroutinefunction(call))
 
 
 async def _await_on(aw, loop: asyncio.AbstractEventLoop | None):
@@ -145,6 +146,8 @@ class _Box:
         self._ready: asyncio.Event | None = None
         self._error: BaseException | None = None
         self._bg: asyncio.Task | None = None
+        self._snap_task: asyncio.Task | None = None
+        self._snap_missing = False
 
     # -- creation --------------------------------------------------------------------------------------
     def _init_loop_state(self) -> None:
@@ -155,7 +158,8 @@ class _Box:
         self._init_loop_state()
         try:
             self.zygote = await self.hub.zygote(self.cfg)
-            fam, active = await self.zygote.new_family(self._spec(self.zygote), self.cfg.start_timeout_s)
+            fam, active = await self.zygote.take_family(self._spec(self.zygote), self.cfg.start_timeout_s,
+                                                        self.cfg.warm_sandboxes)
             fam.acquire()
             fam.add(active)
             self.family, self.active = fam, active
@@ -224,6 +228,9 @@ class _Box:
         """Replace the active interpreter from the snapshot, or fresh from the warden."""
         if self.family is None or self.family.closed or not self.family.warden.alive:
             raise SandboxError("the sandbox was lost (its family of processes is gone)")
+        task = self._snap_task
+        if task is not None and not task.done():
+            await asyncio.shield(task)
         if self.snapshot is not None and self.snapshot.proc.alive:
             try:
                 (self.active,) = await self._fork_from(self.snapshot.proc, "active", 1)
@@ -231,7 +238,10 @@ class _Box:
                     f"The interpreter was restored to its state after step {self.snapshot.step} (later state lost).")
             except SandboxError as e:
                 log.warning("sandbox: restoring from snapshot failed (%s); starting fresh", e)
-        self.active = await self.family.spawn(self.cfg.start_timeout_s)
+        try:
+            self.active = await self.family.spawn(self.cfg.start_timeout_s)
+        except SandboxError as e:
+            raise SandboxError(f"the sandbox was lost (its family of processes is gone: {e})") from None
         if self.snapshot is not None:
             self.snapshot.release(self.family)
             self.snapshot = None
@@ -245,14 +255,14 @@ class _Box:
         fam.begin_fork(src)
         try:
             try:
-                await asyncio.wait_for(src.chan.send({"op": "fork", "role": role}, [g.fileno() for _, g in pairs]),
-                                       timeout)
+                async with asyncio.timeout(timeout):
+                    await src.chan.send({"op": "fork", "role": role}, [g.fileno() for _, g in pairs])
             finally:
                 for _, g in pairs:
                     g.close()
             try:
                 ack = await src.next(timeout)
-            except (ChannelClosed, ProtocolViolation, asyncio.TimeoutError) as e:
+            except (TimeoutError, ChannelClosed, ProtocolViolation) as e:
                 for h, _ in pairs:
                     h.close()
                 raise SandboxError(f"fork failed: the source process did not answer ({type(e).__name__})") from None
@@ -292,21 +302,25 @@ class _Box:
         await self.lock.acquire()
         handed_off = False
         snap_host = None
+        x = None
         try:
             if self.closed:
                 raise SandboxError("the sandbox is closed")
             notice = await self._ensure_active()
+            if self._snap_missing:
+                await self._settle()
             x = self.active
             fds = []
             if self.cfg.snapshots:
                 snap_host, snap_guest = make_pair()
                 fds = [snap_guest.fileno()]
-                self.family.begin_fork(x)  # ended in _after_step (or below on failure)
+                self.family.begin_fork(x)  # its snapshot child must not be swept before it registers
             msg = {"op": "run", "code": code, "timeout_s": self.lim.step_timeout_s,
                    "cpu_s": self.lim.cpu_s_per_step, "snapshot": "always" if self.cfg.on_error == "keep" else "success"}
             try:
-                await asyncio.wait_for(x.chan.send(msg, fds), self.lim.step_timeout_s)
-            except (ChannelClosed, asyncio.TimeoutError):
+                async with asyncio.timeout(self.lim.step_timeout_s):
+                    await x.chan.send(msg, fds)
+            except (TimeoutError, ChannelClosed):
                 pass  # the conversation below sees the dead/stuck process
             finally:
                 if fds:
@@ -315,19 +329,15 @@ class _Box:
             if outcome == "result":
                 res = self._result(payload, t0, calls, tool_s, notice)
                 self.steps += 1
-                if snap_host is not None:
-                    handed_off = True
-                    sh, snap_host = snap_host, None
-                    self._bg = self.hub.loop.create_task(self._after_step(x, sh, res.error is not None))
-                elif self.cfg.on_error == "rollback" and res.error is not None:
-                    self.needs_restore = True
+                handed_off = True  # _after_step ends x's fork mark and releases the lock
+                sh, snap_host = snap_host, None
+                self._bg = self.hub.loop.create_task(self._after_step(x, sh, res.error is not None))
                 return res
             # hard failure: the process is killed and replaced
             if snap_host is not None:
                 self.family.end_fork(x)
-                snap_host.close()
-                snap_host = None
-            self._drop(x)
+            x, dead = None, x
+            self._drop(dead)
             self.active = None
             if outcome == "disk":
                 await asyncio.to_thread(_wipe, self.family.tmp_dir)
@@ -336,11 +346,12 @@ class _Box:
             return Result(error=self._failure_message(outcome, payload, note), error_type=outcome, restored=True,
                           duration_s=time.perf_counter() - t0, tool_calls=calls, tool_s=tool_s)
         except BaseException:
-            if snap_host is not None and self.family is not None:
-                self.family.end_fork(x)
-            if self.active is not None:  # interrupted mid-step: the interpreter may be anywhere
-                self.active.kill()
-                self.needs_restore = True
+            if not handed_off:
+                if x is not None and snap_host is not None and self.family is not None:
+                    self.family.end_fork(x)
+                if self.active is not None:  # interrupted mid-step: the interpreter may be anywhere
+                    self.active.kill()
+                    self.needs_restore = True
             raise
         finally:
             if snap_host is not None:
@@ -398,7 +409,7 @@ class _Box:
             t = time.monotonic()
             try:
                 msg = await x.next(min(remaining, 0.25) if watch_disk else remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 used += time.monotonic() - t
                 if watch_disk and await self._over_quota():
                     return "disk", None, calls, tool_s
@@ -420,8 +431,9 @@ class _Box:
             calls += 1
             tool_s += time.monotonic() - t1
             try:
-                await asyncio.wait_for(x.chan.send(reply), self.lim.step_timeout_s)
-            except (ChannelClosed, asyncio.TimeoutError):
+                async with asyncio.timeout(self.lim.step_timeout_s):
+                    await x.chan.send(reply)
+            except (TimeoutError, ChannelClosed):
                 return "crash", None, calls, tool_s
 
     async def _over_quota(self) -> bool:
@@ -437,7 +449,7 @@ class _Box:
         fn = self.tools[name]
         try:
             value = await asyncio.wait_for(self._invoke(fn, args, kwargs, caller_loop), self.lim.tool_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return {"op": "tool_result", "ok": False,
                     "error": f"{name} did not answer within {self.lim.tool_timeout_s:g} seconds"}
         except Exception as e:  # noqa: BLE001 - tool failures are reported to the model, not raised
@@ -463,63 +475,94 @@ class _Box:
         return res
 
     async def _after_step(self, x: Proc, snap_host, had_error: bool) -> None:
-        """Adopt the snapshot the interpreter forks after replying (runs while the caller already has the
-        result; holds the box lock so the next step waits only if it comes before the fork is done)."""
-        forking = True
+        """Wrap up a completed step while the caller already has its result. Holds the box lock only until
+        the interpreter confirms it forked its snapshot (it cannot start the next step before that anyway);
+        registering the snapshot and sweeping strays continue in the background."""
+        fam = self.family
+        marked = snap_host is not None  # run() marked x as forking
+        adopting = False
         try:
+            if snap_host is None:  # snapshots off
+                if had_error and self.cfg.on_error == "rollback":
+                    self.needs_restore = True
+                return
             try:
                 ack = await x.next(self.cfg.start_timeout_s)
-            except (ChannelClosed, ProtocolViolation, asyncio.TimeoutError):
-                snap_host.close()
-                self.needs_restore = True
-                return
+            except (ChannelClosed, ProtocolViolation, TimeoutError):
+                ack = {}
             if ack.get("op") != "forked":
-                snap_host.close()
                 self.needs_restore = True
                 return
             if ack.get("skipped"):  # on_error="rollback" and the step raised: back to the previous state
-                snap_host.close()
+                fam.end_fork(x)
+                marked = False
                 self._drop(x)
                 self.active = None
                 await self._restore()
                 return
-            proc = None
             if ack.get("ok"):
-                try:
-                    proc = await Proc.accept(snap_host, self.hub.loop, role="snapshot",
-                                             max_frame=self.family.spec["host_max_frame"],
-                                             timeout=self.cfg.start_timeout_s, min_ns_depth=2 if self.family.ns else 1)
-                    self.family.add(proc)
-                except SandboxProcessError:
-                    proc = None
-            else:
-                snap_host.close()
-            self.family.end_fork(x)
-            forking = False
-            if proc is None:
-                try:
-                    (proc,) = await self._fork_from(x, "snapshot", 1)
-                except SandboxError as e:
-                    log.warning("sandbox: could not snapshot step %d (%s); a crash now restores an older state",
-                                self.steps, e)
-                    return
-            old, self.snapshot = self.snapshot, _Snapshot(proc, self.steps)
-            if old is not None:
-                old.release(self.family)
-            if self.closed:
-                self._drop(proc)
-            elif self.family.ns:
-                self.family.request_sweep()
+                self._snap_task = self.hub.loop.create_task(self._adopt(x, snap_host, self.steps))
+                snap_host, marked, adopting = None, False, True
+                return
+            # the fork failed inside the interpreter (usually: process budget full of strays)
+            fam.end_fork(x)
+            marked = False
+            await self._resnapshot(x)
         except asyncio.CancelledError:
-            snap_host.close()
             self.needs_restore = True
         except Exception as e:  # noqa: BLE001 - never let a background task die silently
             log.warning("sandbox: post-step bookkeeping failed: %s: %s", type(e).__name__, e)
             self.needs_restore = True
         finally:
-            if forking and self.family is not None:
-                self.family.end_fork(x)
+            if snap_host is not None:
+                snap_host.close()
+            if marked and fam is not None:
+                fam.end_fork(x)
             self.lock.release()
+            if not adopting and fam is not None and fam.ns and not self.closed:
+                fam.request_sweep()
+
+    async def _adopt(self, x: Proc, snap_host, step: int) -> None:
+        """Register the snapshot the interpreter forked (runs concurrently with the next step)."""
+        fam = self.family
+        try:
+            proc = await Proc.accept(snap_host, self.hub.loop, role="snapshot", max_frame=fam.spec["host_max_frame"],
+                                     timeout=self.cfg.start_timeout_s, min_ns_depth=2 if fam.ns else 1)
+            fam.add(proc)
+            if self.closed:
+                self._drop(proc)
+                return
+            self._set_snapshot(proc, step)
+            self._snap_missing = False
+        except (SandboxProcessError, asyncio.CancelledError):
+            self._snap_missing = True  # redone under the lock before the state is needed
+        finally:
+            fam.end_fork(x)
+            if fam.ns and not self.closed:
+                fam.request_sweep()
+
+    def _set_snapshot(self, proc: Proc, step: int) -> None:
+        old, self.snapshot = self.snapshot, _Snapshot(proc, step)
+        if old is not None:
+            old.release(self.family)
+
+    async def _resnapshot(self, x: Proc) -> None:
+        """Snapshot the (idle) interpreter now; called with the box lock held."""
+        try:
+            (proc,) = await self._fork_from(x, "snapshot", 1)
+            self._set_snapshot(proc, self.steps)
+            self._snap_missing = False
+        except SandboxError as e:
+            self._snap_missing = True
+            log.warning("sandbox: could not snapshot step %d (%s); a crash now restores an older state", self.steps, e)
+
+    async def _settle(self) -> None:
+        """Make the snapshot current (lock held): wait for a pending registration, redo a failed one."""
+        task = self._snap_task
+        if task is not None and not task.done():
+            await asyncio.shield(task)
+        if self._snap_missing and self.active is not None and self.active.alive and self.cfg.snapshots:
+            await self._resnapshot(self.active)
 
     # -- forking and closing ---------------------------------------------------------------------------
     async def fork(self, n: int) -> list[_Box]:
@@ -528,6 +571,7 @@ class _Box:
             if self.closed:
                 raise SandboxError("the sandbox is closed")
             await self._ensure_active()
+            await self._settle()
             procs = await self._fork_from(self.active, "active", n)
             boxes = []
             for p in procs:
@@ -542,8 +586,9 @@ class _Box:
         await self._ready.wait()
         if self.closed or self._error is not None:
             return
-        if self._bg is not None and not self._bg.done():
-            self._bg.cancel()
+        for task in (self._bg, self._snap_task):
+            if task is not None and not task.done():
+                task.cancel()
         async with self.lock:
             if self.closed:
                 return

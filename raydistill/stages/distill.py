@@ -438,6 +438,13 @@ def _cluster_info() -> dict[str, Any]:
 def _start_job(manifest: Manifest, cfg: RootConfig, dcfg: DistillConfig) -> dict[str, Any]:
     data = manifest.data
     data.setdefault("created", _now())
+    # We hold the run_dir lock, so anything still "running" belongs to a job that was killed.
+    for old in data["jobs"]:
+        if old.get("status") == "running":
+            old["status"] = "interrupted"
+    for rec in data["stages"].values():
+        if rec.get("status") == "running":
+            rec["status"] = "interrupted"
     data["config"] = cfg.model_dump(mode="json")
     data["distill"] = dcfg.model_dump(mode="json")
     data["versions"] = package_versions()
@@ -610,7 +617,17 @@ def section_from_args(cfg: RootConfig, args: argparse.Namespace) -> DistillConfi
     return DistillConfig.model_validate({**dcfg.model_dump(), **update}) if update else dcfg
 
 
+def _exit_on_sigterm() -> None:
+    """`ray job stop` and Kubernetes send SIGTERM: exit through Python so the manifest records the stop."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(cfg: RootConfig, args: argparse.Namespace) -> int:
+    _exit_on_sigterm()
     try:
         dcfg = section_from_args(cfg, args)
         if getattr(args, "plan", False):

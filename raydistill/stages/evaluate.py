@@ -272,8 +272,9 @@ class QuestionRunner:
                     if self.passages is None:
                         raise RuntimeError("rag_cot needs a retriever")
                     passages = await self.passages(row["question"], self.cfg.retrieval.top_k)
+                budget = self.cfg.evaluate.cot_max_new_tokens or self.cfg.generate.cot_max_new_tokens
                 traj = await run_cot(self.engine, _record(row), agent_cfg, passages=passages, role="student",
-                                     seed=self.cfg.seed)
+                                     seed=self.cfg.seed, max_tokens=budget)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -319,8 +320,14 @@ class EvalWorker:
         tools = {"web_search": web_search} if web_search is not None and self.cfg.agent.web_search else {}
         factory = None
         if sandbox_pool is not None:
+            timeout_s = self.cfg.sandbox.start_timeout_s * 2
+
             async def factory() -> Any:
-                return await sandbox_pool.create(tools=tools)
+                try:
+                    return await asyncio.wait_for(sandbox_pool.create(tools=tools), timeout=timeout_s)
+                except TimeoutError:
+                    raise RuntimeError(f"no sandbox within {timeout_s:.0f}s (sandbox hosts overloaded or down)") \
+                        from None
 
         self.runner = QuestionRunner(self.cfg, self.engine, self.variant, web_search=web_search,
                                      passages=passages, sandbox_factory=factory, judge=make_judge(self.cfg))
@@ -347,6 +354,18 @@ def _actor_passages(handle: Any) -> Callable:
         return [h.contents if hasattr(h, "contents") else str(h) for h in hits[0]]
 
     return passages
+
+
+def _wait_pool_ready(pool: Any, timeout_s: float) -> None:
+    """Fail fast when sandbox host actors cannot be scheduled (episodes on them would wait forever)."""
+    import ray
+
+    refs = [a.stats.remote() for a in pool.actors]
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        raise RuntimeError(f"{len(pending)} of {len(refs)} sandbox host actors did not start within {timeout_s:.0f}s "
+                           f"(each asks for {pool.config.pool.num_cpus_per_actor} CPU): lower "
+                           "sandbox.pool.num_actors / num_cpus_per_actor or add nodes")
 
 
 def _start_retriever(cfg: RootConfig) -> Any:
@@ -510,6 +529,7 @@ def run(cfg: RootConfig) -> dict:
                 from raydistill.actors.sandbox_pool import SandboxPool
 
                 pool = SandboxPool(cfg.sandbox)
+                _wait_pool_ready(pool, cfg.sandbox.start_timeout_s * 2)
             runs[variant.label] = _run_offline(cfg, variant, todo, pool if agent else None,
                                                retriever if needs_retrieval else None)
     finally:

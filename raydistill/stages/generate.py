@@ -98,6 +98,11 @@ def question_rows(cfg: RootConfig) -> list[dict[str, Any]]:
     records = load_sets(cfg.data.train_sets, strict=cfg.data.strict, limit=cfg.data.limit)
     if not records:
         raise StageError(f"no training questions in data.train_sets={cfg.data.train_sets}")
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+        dup = sorted(i for i, c in Counter(ids).items() if c > 1)
+        raise StageError(f"question ids occur twice in data.train_sets={cfg.data.train_sets} (a set listed twice?): "
+                         f"{dup[:3]}")
     rows = []
     for r in records:
         gold = list(r.answer) if isinstance(r.answer, list) else [r.answer]
@@ -184,18 +189,25 @@ class _Tools:
         self._actors: list[Any] = []
         if kind != "agent":
             return
-        if uses_web_search(cfg):
-            self.web_search = self._start_retriever(cfg)
-        self.sandbox_pool = self._start_sandboxes(cfg)
+        try:
+            if uses_web_search(cfg):
+                self.web_search = self._start_retriever(cfg)
+            self.sandbox_pool = self._start_sandboxes(cfg)
+        except BaseException:
+            self.close()
+            raise
 
     def _start_retriever(self, cfg: RootConfig) -> Any:
-        from raydistill.actors.retriever import start_retrievers
+        from raydistill.actors.retriever import make_web_search_tool, start_retriever
+        from raydistill.retrieval import resolve_index_dir
 
-        handle, actors = start_retrievers(cfg)
-        self._actors += actors
-        from raydistill.actors.retriever import make_web_search_tool
-
-        return make_web_search_tool(handle)
+        index_dir = resolve_index_dir(cfg)
+        if not index_dir.exists():
+            raise StageError(f"agent episodes offer web_search but there is no retrieval index at {index_dir}; "
+                             "build it first (`raydistill index --config ...`) or set retrieval.enabled=false")
+        handle = start_retriever(cfg, index_dir)
+        self._actors.append(handle)
+        return make_web_search_tool(handle, k=cfg.retrieval.top_k)
 
     def _start_sandboxes(self, cfg: RootConfig) -> Any:
         from raydistill.actors.sandbox_pool import SandboxPool
@@ -248,7 +260,7 @@ class Progress:
             self.exec_s += batch["exec_s"][i] or 0.0
             self.reasons[batch["reason"][i] or "passed"] += 1
         now = time.monotonic()
-        if now - self.last >= self.interval_s:
+        if now - self.last >= self.interval_s and self.already + self.done + self.skipped < self.total:
             self.last = now
             log.info("%s", self.line())
 
@@ -275,8 +287,8 @@ class Progress:
                 f"eta {eta:.0f}s")
 
 
-def _iter_results(cfg: RootConfig, kind: str, rows: list[dict[str, Any]], out_dir: Path, tools: _Tools,
-                  worker_cls: type) -> Iterator[dict[str, list]]:
+def _iter_results(cfg: RootConfig, kind: str, rows: list[dict[str, Any]], out_dir: Path, tools: Any,
+                  worker_cls: type, worker_kwargs: dict[str, Any] | None = None) -> Iterator[Any]:
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -293,7 +305,8 @@ def _iter_results(cfg: RootConfig, kind: str, rows: list[dict[str, Any]], out_di
     out = ds.map_batches(
         worker_cls,
         fn_constructor_kwargs={"cfg": cfg, "kind": kind, "out_dir": str(out_dir),
-                               "sandbox_pool": tools.sandbox_pool, "web_search": tools.web_search},
+                               "sandbox_pool": tools.sandbox_pool, "web_search": tools.web_search,
+                               **(worker_kwargs or {})},
         batch_size=g.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=g.num_workers, max_tasks_in_flight_per_actor=in_flight,
@@ -305,8 +318,14 @@ def _iter_results(cfg: RootConfig, kind: str, rows: list[dict[str, Any]], out_di
 
 
 def generate_trajectories(cfg: RootConfig, kind: str, rows: list[dict[str, Any]], *,
-                          worker_cls: type | None = None) -> dict[str, Any]:
-    """Make every missing (id, sample) trajectory of `kind` under <run_dir>/trajectories/<kind>/."""
+                          worker_cls: type | None = None, tools: Any = None,
+                          worker_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Make every missing (id, sample) trajectory of `kind` under <run_dir>/trajectories/<kind>/.
+
+    worker_cls: a TeacherWorker subclass (tests, benchmarks). tools: an object with `sandbox_pool`,
+    `web_search` and `close()` to use instead of starting the sandbox pool and retriever here.
+    worker_kwargs: extra constructor arguments of worker_cls.
+    """
     from raydistill.actors.teacher import TeacherWorker
     from raydistill.stages.ray_init import init_ray
 
@@ -323,12 +342,15 @@ def generate_trajectories(cfg: RootConfig, kind: str, rows: list[dict[str, Any]]
     progress = Progress(kind, len(rows), already, cfg.generate.progress_interval_s)
     if todo:
         init_ray(cfg.ray)
-        tools = _Tools(cfg, kind)
+        own_tools = tools is None
+        tools = _Tools(cfg, kind) if own_tools else tools
         try:
-            for batch in _iter_results(cfg, kind, todo, out_dir, tools, worker_cls or TeacherWorker):
+            for batch in _iter_results(cfg, kind, todo, out_dir, tools, worker_cls or TeacherWorker,
+                                       worker_kwargs):
                 progress.update(batch.to_pydict())
         finally:
-            tools.close()
+            if own_tools:
+                tools.close()
         log.info("%s", progress.line())
     present = store.keys()
     missing = [(r["id"], r["sample"]) for r in rows if (r["id"], r["sample"]) not in present]

@@ -40,11 +40,11 @@ log = logging.getLogger(__name__)
 class StudentEngine:
     """One student engine per replica; concurrent calls are batched by the backend."""
 
-    def __init__(self, engine_cfg: dict) -> None:
+    def __init__(self, engine_cfg: dict, factory: str | None = None) -> None:
         from raydistill.engines import create_engine
 
         self.cfg = EngineConfig.model_validate(engine_cfg)
-        self.engine = create_engine(self.cfg)
+        self.engine = _import(factory)(self.cfg) if factory else create_engine(self.cfg)
 
     async def generate(self, request: ChatRequest, params: SamplingParams) -> list[Completion]:
         return await self.engine.generate(request, params)
@@ -52,6 +52,15 @@ class StudentEngine:
     async def info(self) -> dict:
         return {"backend": self.engine.backend, "model": self.engine.model_name, "describe": self.engine.describe(),
                 "lora_adapter": self.cfg.lora_adapter, "stats": self.engine.stats()}
+
+
+def _import(path: str) -> Any:
+    import importlib
+
+    module, _, attr = path.partition(":")
+    if not module or not attr:
+        raise ValueError(f"serve.engine_factory must look like 'module:function', got {path!r}")
+    return getattr(importlib.import_module(module), attr)
 
 
 class ServeEngineProxy(Engine):
@@ -112,6 +121,21 @@ def make_serve_web_search(handle: Any):
     return web_search
 
 
+def wait_pool_ready(pool: Any, timeout_s: float) -> None:
+    """Fail fast (naming the resources) when sandbox host actors cannot start, instead of letting every episode
+    that lands on an unschedulable actor hang until its request times out."""
+    import ray
+
+    refs = [a.stats.remote() for a in pool.actors]
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        cpus = pool.config.pool.num_cpus_per_actor
+        raise RuntimeError(f"{len(pending)} of {len(refs)} sandbox host actors did not start within {timeout_s:.0f}s "
+                           f"(each asks for {cpus} CPU; cluster has {ray.available_resources().get('CPU', 0):.2f} "
+                           "CPUs free): lower sandbox.pool.num_actors / num_cpus_per_actor or add nodes")
+    ray.get(ready)
+
+
 @serve.deployment(name="SandboxPool")
 class SandboxPoolDeployment:
     """Owns the sandbox host actors (`sandbox.pool.num_actors`, fractional CPUs). Ingress replicas fetch the
@@ -123,6 +147,7 @@ class SandboxPoolDeployment:
 
         cfg = RootConfig.model_validate_json(cfg_json)
         self._pool = SandboxPool(cfg.sandbox)
+        wait_pool_ready(self._pool, cfg.sandbox.start_timeout_s * 2)
 
     async def pool(self) -> Any:
         return self._pool
@@ -145,6 +170,7 @@ class StudentAgent:
         self.engine = ServeEngineProxy(cfg.student, engine, name)
         self.sandboxes = sandboxes
         self._pool: Any = None
+        self._create_timeout_s = cfg.sandbox.start_timeout_s * 2
         self._tools = ({"web_search": make_serve_web_search(retriever)}
                        if retriever is not None and cfg.agent.web_search else {})
         backend = EpisodeBackend(self.engine, sandbox_factory=self._new_sandbox, tools=list(self._tools),
@@ -155,7 +181,11 @@ class StudentAgent:
     async def _new_sandbox(self) -> Any:
         if self._pool is None:
             self._pool = await self.sandboxes.pool.remote()
-        return await self._pool.create(tools=self._tools)
+        try:
+            return await asyncio.wait_for(self._pool.create(tools=self._tools), timeout=self._create_timeout_s)
+        except TimeoutError:
+            raise RuntimeError(f"no sandbox within {self._create_timeout_s:.0f}s (sandbox hosts overloaded or "
+                               "down)") from None
 
     async def _health(self) -> dict:
         info, sandboxes = await asyncio.gather(self.engine.handle.info.remote(), self.sandboxes.stats.remote())
@@ -204,7 +234,7 @@ def build_app(args: dict | RootConfig) -> Application:
         ray_actor_options={"num_cpus": cfg.student.num_cpus, "num_gpus": cfg.student.num_gpus},
         autoscaling_config=_autoscaling(s.engine_min_replicas, s.engine_max_replicas, s.engine_target_ongoing_requests),
         max_ongoing_requests=s.engine_max_ongoing_requests,
-    ).bind(cfg.student.model_dump())
+    ).bind(cfg.student.model_dump(), s.engine_factory)
     retriever = None
     if cfg.retrieval.enabled and cfg.agent.web_search:
         retriever = RetrieverDeployment.options(

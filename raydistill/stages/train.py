@@ -43,7 +43,7 @@ CONFIG_FILE = "train_config.json"
 _RESOURCE_KEYS = {"data", "kinds", "num_workers", "use_gpu", "gpus_per_worker", "cpus_per_worker", "storage_path",
                   "num_to_keep", "checkpoint_every_steps", "max_failures", "merge", "max_steps",
                   "gradient_checkpointing", "attn_implementation", "packing", "max_tokens_per_batch",
-                  "micro_batch_size", "shuffle_buffer"}
+                  "micro_batch_size", "shuffle_buffer", "ingest"}
 
 
 class TrainError(RuntimeError):
@@ -271,12 +271,40 @@ def _prepare(cfg: RootConfig, p: TrainPaths) -> tuple[SftMeta, int, str]:
     return meta, pad_id, fp
 
 
-def train_kind(cfg: RootConfig, kind: str) -> dict[str, Any]:
-    import ray
+def make_trainer(settings: LoopSettings, files: list[str], *, num_workers: int, use_gpu: bool,
+                 cpus_per_worker: float, gpus_per_worker: float, storage_path: str, run_name: str,
+                 num_to_keep: int = 2, max_failures: int = 0, ingest: str = "read_parquet"):
+    """The TorchTrainer for `settings` over SFT Parquet `files` (also used by the benchmarks)."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # Ray Data's bars would flood the console; the loop has its own
+    # Read once and keep the blocks in the object store (SFT data is small: thousands of rows), so every epoch's
+    # streaming split replays memory instead of re-reading Parquet. Fractional CPUs: the training workers hold
+    # most CPUs, and whole-CPU read tasks would wait for the rest.
+    if ingest == "driver":
+        import pyarrow.parquet as pq
+
+        ds = ray.data.from_arrow([pq.read_table(f, columns=list(TRAIN_COLUMNS)) for f in files])
+    else:
+        ds = ray.data.read_parquet(files, columns=list(TRAIN_COLUMNS), num_cpus=0.25).materialize()
+    resources = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config=settings.to_dict(),
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures)),
+        datasets={"train": ds})
+
+
+def train_kind(cfg: RootConfig, kind: str) -> dict[str, Any]:
     from raydistill.train.export import install_adapter, merge_adapter
     from raydistill.train.plot import plot_curve
 
@@ -294,25 +322,10 @@ def train_kind(cfg: RootConfig, kind: str) -> dict[str, Any]:
     (p.out / CONFIG_FILE).write_text(json.dumps({"fingerprint": fp, "data": str(p.data), "plan": plan.__dict__,
                                                  "config": cfg.train.model_dump()}, indent=1, default=str))
     p.done.unlink(missing_ok=True)
-    files = [str(f) for f in parquet_files(p.data)]
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # Ray Data's bars would flood the console; the loop has its own
-    # Read once and keep the blocks in the object store (SFT data is small: thousands of rows), so every epoch's
-    # streaming split replays memory instead of re-reading Parquet. Fractional CPUs: the training workers hold
-    # most CPUs, and whole-CPU read tasks would wait for the rest.
-    ds = ray.data.read_parquet(files, columns=list(TRAIN_COLUMNS), ray_remote_args={"num_cpus": 0.25}).materialize()
-    resources = {"CPU": t.cpus_per_worker}
-    if t.use_gpu:
-        resources["GPU"] = t.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=settings.to_dict(),
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=p.run_name, storage_path=p.storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
-        datasets={"train": ds})
+    trainer = make_trainer(settings, [str(f) for f in parquet_files(p.data)], num_workers=t.num_workers,
+                           use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker, gpus_per_worker=t.gpus_per_worker,
+                           storage_path=p.storage_path, run_name=p.run_name, num_to_keep=t.num_to_keep,
+                           max_failures=t.max_failures, ingest=t.ingest)
     log.info("train[%s]: %d rows from %s, %d steps planned (%d per epoch), %d workers, strategy %s; "
              "checkpoints in %s/%s", kind, meta.count, p.data, plan.run_steps, plan.steps_per_epoch,
              t.num_workers, t.strategy, p.storage_path, p.run_name)

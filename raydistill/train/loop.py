@@ -71,6 +71,8 @@ class LoopSettings:
     seed: int = 0
     pad_id: int = 0
     shuffle_buffer: int = 256
+    balance: bool = True
+    """Re-split each global batch over workers by tokens (see `balance`)."""
     live_metrics_path: str | None = None
     fingerprint: str = ""
     progress: bool = True
@@ -310,6 +312,32 @@ class _Engine:
 
 
 # ---------------------------------------------------------------------------------------------- loop
+def _all_gather(obj: Any, rt: Runtime) -> list[Any]:
+    import torch.distributed as dist
+
+    if rt.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * rt.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def balance(batch: list[Sample], world_size: int) -> list[list[Sample]]:
+    """Split a global batch over workers with about equal tokens each (longest first, to the least loaded).
+
+    Each worker reads its own shard, so the samples it happens to hold can differ in total length by a lot
+    (agent trajectories span 0.5k-10k tokens); the step then waits for the slowest worker. Every worker sees the
+    whole batch (it is small: ids of a few dozen trajectories) and computes the same deterministic split.
+    """
+    parts: list[list[Sample]] = [[] for _ in range(world_size)]
+    loads = [0] * world_size
+    for i in sorted(range(len(batch)), key=lambda i: (-len(batch[i]), i)):
+        r = min(range(world_size), key=lambda r: (loads[r], r))
+        parts[r].append(batch[i])
+        loads[r] += len(batch[i])
+    return parts
+
+
 def _all_reduce(values: list[float], op: str, device: torch.device) -> list[float]:
     import torch.distributed as dist
 
@@ -391,18 +419,21 @@ def run(settings: LoopSettings | dict, rt: Runtime) -> dict:
     last: dict = history[-1] if history else {}
     eng.model.train()
     dummy = dummy_micro_batch(s.pad_id)
+    saved = step
     while step < plan.run_steps:
         batches = _batches(rt, epoch, rows_done // rt.world_size, plan.per_worker_batch)
         while step < plan.run_steps:
             t0 = time.perf_counter()
-            samples = next(batches, [])
+            local = next(batches, [])
+            shares = _all_gather(local, rt)
+            if not all(shares):  # some worker's shard is exhausted: the epoch ends for everyone together
+                break
+            batch = [x for share in shares for x in share]  # the global batch, in rank order, on every worker
+            samples = balance(batch, rt.world_size)[rt.rank] if s.balance else local
             mbs = plan_micro_batches(samples, packing=s.packing, max_tokens=s.max_tokens_per_batch,
                                      micro_batch_size=s.micro_batch_size, pad_id=s.pad_id)
-            n_max, missing = _all_reduce([len(mbs), 0.0 if samples else 1.0], "max", rt.device)
-            if missing:  # some worker's shard is exhausted: the epoch ends for everyone together
-                break
-            local_targets = sum(mb.num_targets for mb in mbs)
-            (global_targets,) = _all_reduce([float(local_targets)], "sum", rt.device)
+            (n_max,) = _all_reduce([float(len(mbs))], "max", rt.device)
+            global_targets = float(sum(x.num_targets for x in batch))
             scale = rt.world_size / max(global_targets, 1.0)
             lr = eng.lr()
             n_max = int(n_max)
@@ -411,16 +442,15 @@ def run(settings: LoopSettings | dict, rt: Runtime) -> dict:
             for i, mb in enumerate(padded):
                 loss_acc += eng.micro_step(mb, scale, last=i == n_max - 1).double()
             grad_norm = eng.step()
-            tokens = sum(mb.num_tokens for mb in mbs)
-            loss_total, tokens_total, samples_total, padded_total = _all_reduce(
-                [float(loss_acc.item()), float(tokens), float(len(samples)),
-                 float(sum(mb.padded_tokens for mb in mbs))], "sum", rt.device)
+            loss_total, padded_total = _all_reduce(
+                [float(loss_acc.item()), float(sum(mb.padded_tokens for mb in mbs))], "sum", rt.device)
+            tokens_total, samples_total = sum(len(x) for x in batch), len(batch)
             dt = time.perf_counter() - t0
             step += 1
             rows_done += int(samples_total)
-            last = {"step": step, "epoch": round(epoch + min(1.0, rows_done / (plan.rows_per_worker * rt.world_size)),
-                                                 4),
-                    "loss": loss_total / max(global_targets, 1.0), "grad_norm": grad_norm, "lr": lr, "tokens": int(tokens_total),
+            epoch_pos = epoch + min(1.0, rows_done / (plan.rows_per_worker * rt.world_size))
+            last = {"step": step, "epoch": round(epoch_pos, 4), "loss": loss_total / max(global_targets, 1.0),
+                    "grad_norm": grad_norm, "lr": lr, "tokens": int(tokens_total),
                     "loss_tokens": int(global_targets), "samples": int(samples_total),
                     "padded_tokens": int(padded_total), "micro_batches": n_max,
                     "dummy_micro_batches": n_max - len(mbs), "step_time_s": round(dt, 4),
@@ -432,6 +462,7 @@ def run(settings: LoopSettings | dict, rt: Runtime) -> dict:
             progress.update(last)
             if step % s.checkpoint_every_steps == 0 or step == plan.run_steps:
                 _checkpoint(eng, rt, s, plan, step, epoch, rows_done, history, final=step == plan.run_steps)
+                saved = step
         else:
             break
         epoch += 1
@@ -439,7 +470,8 @@ def run(settings: LoopSettings | dict, rt: Runtime) -> dict:
         if epoch >= math.ceil(s.epochs) and step < plan.run_steps:  # rows ran out before the planned steps
             if rt.rank == 0:
                 log.warning("data ran out at step %d of %d; saving the final checkpoint", step, plan.run_steps)
-            _checkpoint(eng, rt, s, plan, step, epoch, rows_done, history, final=True)
+            if saved != step:
+                _checkpoint(eng, rt, s, plan, step, epoch, rows_done, history, final=True)
             break
     progress.close()
     return last

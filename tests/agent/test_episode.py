@@ -204,3 +204,25 @@ def test_sag_none_survive_first_is_parse_error():
 def test_bad_record_is_a_clear_error():
     with pytest.raises(ValueError, match="no question"):
         asyncio.run(run_episode(ScriptedEngine(outputs=["x"]), None, {"id": "1"}, AgentConfig()))
+
+
+def test_cancelling_an_episode_closes_its_sandbox():
+    from raydistill.sandbox import Sandbox
+
+    made = []
+
+    def factory():
+        made.append(Sandbox())
+        return made[-1]
+
+    async def go():
+        eng = ScriptedEngine(outputs=[code("x = 1"), code("final_answer(x)")], delay_s=30)
+        task = asyncio.create_task(run_episode(eng, factory, Q, AgentConfig()))
+        while not eng.calls:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    assert len(made) == 1 and "closed=True" in repr(made[0])

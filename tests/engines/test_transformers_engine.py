@@ -119,3 +119,23 @@ def test_bad_requests_are_clear():
         ChatRequest(messages=[{"role": "user", "content": "x"}], continue_final_message=True)
     with pytest.raises(ValueError, match="n must be"):
         SamplingParams(n=0)
+
+
+def test_lora_adapter_is_applied(tf_engine, tiny_model_dir, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from raydistill.config.engine import EngineConfig
+    from raydistill.engines import create_engine
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(tmp_path / "adapter")
+    eng = create_engine(EngineConfig(model="tiny:qwen2-tiny", lora_adapter=str(tmp_path / "adapter"), cpu_threads=1))
+    p = SamplingParams(max_tokens=8, logprobs=True, ignore_eos=True)
+    [with_lora] = gen(eng, chat("adapter?"), p)
+    [without] = gen(tf_engine, chat("adapter?"), p)
+    assert with_lora.cumulative_logprob != pytest.approx(without.cumulative_logprob, abs=1e-3)
+    asyncio.run(eng.aclose())

@@ -4,6 +4,7 @@ with a tiny random-weight student; then resume (nothing redone) and the rendered
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -72,7 +73,7 @@ def test_report_renders(evaluated):
     assert (cfg.run_path / "eval" / "plots" / "sag_on_off.png").exists()
     assert summary["examples"]
     for ex in summary["examples"]:
-        text = open(ex).read()
+        text = Path(ex).read_text()
         assert "## Question" in text and "## Step 1" in text
         assert ex.split("/eval/")[1] in md  # linked from the report
 

@@ -6,6 +6,7 @@ Scripted engine where exact model text matters (malformed output, known answers)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -26,16 +27,16 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 GOOD_COT = "Two plus two.\n\nSo the answer is <answer>\\boxed{4}</answer>"
 
 
-def _cfg(tmp_path: Path, *overrides: str, script: list[str] | None = None):
+def _cfg(tmp_path: Path, *overrides: str, script: list[str] | None = None, sets: str = "[math_1000,hotpotqa_1000]"):
     base = [
-        f"run_dir={tmp_path / 'run'}", "data.train_sets=[math_1000,hotpotqa_1000]", "data.limit=3",
+        f"run_dir={tmp_path / 'run'}", f"data.train_sets={sets}", "data.limit=3",
         "teacher.backend=scripted", "teacher.model=scripted", "student.model=tiny:qwen2-tiny",
         "generate.kinds=[cot]", "generate.batch_size=2", "generate.episodes_per_worker=4",
         "generate.flush_interval_s=0", "generate.worker_num_cpus=0.25", "generate.progress_interval_s=1",
-        "retrieval.enabled=false",
+        "retrieval.enabled=false", "sandbox.pool.num_actors=1",
     ]
     cfg = load_config(None, base + list(overrides))
-    cfg.teacher.script = script or [GOOD_COT]
+    cfg.teacher.script = [GOOD_COT] if script is None else script
     return cfg
 
 
@@ -79,14 +80,14 @@ def test_smoke_mode_keeps_everything_and_sft_is_real(ray_local, tmp_path):
 
 
 def test_changed_settings_are_refused_or_moved_aside(ray_local, tmp_path):
-    generate.run(_cfg(tmp_path))
-    changed = _cfg(tmp_path, "agent.temperature=0.5")
+    generate.run(_cfg(tmp_path, sets="[hotpotqa_1000]"))
+    changed = _cfg(tmp_path, "agent.temperature=0.5", sets="[hotpotqa_1000]")
     with pytest.raises(generate.StageError, match=r"agent.temperature: 0.0 -> 0.5"):
         generate.run(changed)
     # resource settings do not count as a change
     assert generate.changed_settings(_cfg(tmp_path, "generate.num_workers=2", "teacher.num_cpus=0.5"), "cot") == []
-    rerun = _cfg(tmp_path, "agent.temperature=0.5", "generate.on_config_change=rerun")
-    assert generate.run(rerun)["kinds"]["cot"]["generation"]["episodes"] == 6
+    rerun = _cfg(tmp_path, "agent.temperature=0.5", "generate.on_config_change=rerun", sets="[hotpotqa_1000]")
+    assert generate.run(rerun)["kinds"]["cot"]["generation"]["episodes"] == 3
     assert len(list((tmp_path / "run/trajectories").glob("cot.stale-*"))) == 1
 
 
@@ -100,26 +101,51 @@ class DyingTeacher(TeacherWorker):
 
     async def run_one(self, row):
         self._log("start", row)
+        await asyncio.sleep(0.3)  # pace the instant scripted engine so the death lands mid-batch
         return await super().run_one(row)
 
     async def _add(self, traj):
         await super()._add(traj)  # flush_interval_s=0: on disk when this returns
         self._log("durable", traj)
+        self.durable = getattr(self, "durable", 0) + 1
         marker = self.store.dir.parent / "died"
-        if not marker.exists() and self.episodes_run >= 3:
+        if not marker.exists() and self.durable >= 3:
             marker.write_text(str(os.getpid()))
             os._exit(1)
 
 
 def test_teacher_actor_death_loses_no_finished_work(ray_local, tmp_path):
-    cfg = _cfg(tmp_path, "data.limit=4", "generate.episodes_per_worker=2", "generate.batch_size=4")
+    cfg = _cfg(tmp_path, "data.limit=8", "generate.episodes_per_worker=2", "generate.batch_size=4",
+               sets="[hotpotqa_1000]")
     out = generate.run(cfg, worker_cls=DyingTeacher)
     events = [json.loads(x) for x in (tmp_path / "run/trajectories/events.log").read_text().splitlines()]
     dead_pid = int((tmp_path / "run/trajectories/died").read_text())
     assert {pid for _, pid, *_ in events} - {dead_pid}, "the actor was not restarted"
     durable_before = {(q, s) for what, pid, q, s in events if what == "durable" and pid == dead_pid}
-    assert len(durable_before) >= 3
+    assert 3 <= len(durable_before) < 8
     restarted_starts = [(q, s) for what, pid, q, s in events if what == "start" and pid != dead_pid]
     assert not durable_before & set(restarted_starts), "finished work was redone"
     trajs, dups = TrajectoryStore(tmp_path / "run/trajectories/cot").read()
     assert dups == 0 and len(trajs) == 8 == out["kinds"]["cot"]["generation"]["total"]
+
+
+def test_agent_malformed_output_and_engine_failure_are_recorded(ray_local, tmp_path):
+    # unparseable model text every step: each episode is a recorded failure, the batch does not crash
+    cfg = _cfg(tmp_path, "generate.kinds=[agent]", "agent.max_steps=2", sets="[hotpotqa_1000]",
+               script=["I will not write code.", "```py\nx = (\n```<end_code>"])
+    out = generate.run(cfg)
+    assert out["kinds"]["agent"]["generation"]["episodes"] == 3
+    trajs = read_table(tmp_path / "run/filter/agent/trajectories.parquet")
+    assert len(trajs) == 3
+    for t in trajs:
+        assert t.error is None and t.max_steps_reached and all(s.parse_error for s in t.steps)
+        assert t.rejected.startswith("max_steps") and "parse_error" in t.rejected
+    report = json.loads((tmp_path / "run/filter/agent/report.json").read_text())
+    assert report["passed"] == 0 and report["reasons_primary"] == {"max_steps": 3}
+    assert read_meta(tmp_path / "run/sft/agent")["count"] == 0
+    # an engine that fails every call: recorded as Trajectory.error, still one row per question
+    cfg2 = _cfg(tmp_path / "b", "generate.kinds=[agent]", sets="[hotpotqa_1000]", script=[])
+    generate.run(cfg2)
+    trajs = read_table(tmp_path / "b/run/filter/agent/trajectories.parquet")
+    assert len(trajs) == 3 and all(t.error and "no outputs" in t.error and t.rejected.startswith("error")
+                                   for t in trajs)

@@ -148,6 +148,9 @@ def test_structured_output_request_and_verdicts(server):
     user = [r["body"]["messages"][-1]["content"] for r in stub.requests if "Gerald" in json.dumps(r["body"])][0]
     assert "Reference answer(s): Richard Nixon | Nixon" in user
     assert verdicts[0].to_dict()["correct"] is True
+    from raydistill.grading import LLMJudge as Exported  # lazy re-export from the package
+
+    assert Exported is LLMJudge
 
 
 def test_falls_back_to_json_in_text_when_response_format_is_rejected(server):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from raydistill import grading
@@ -134,6 +136,18 @@ def test_bad_and_missing_inputs():
         math_equal("5", r"\boxed{}")
 
 
+def test_gold_may_be_a_list_of_acceptable_answers():
+    assert math_equal("5", ["five", "5"]) is True
+    assert math_equal("0.5", [r"\text{half}", r"\frac12"], timeout=30) is True
+    assert math_equal("6", ("5", "7")) is False
+    assert math_equal("5", ["", "5"]) is True  # empty aliases are ignored
+    with pytest.raises(ValueError, match="gold answer is empty"):
+        math_equal("5", [])
+    with pytest.raises(ValueError, match="gold answer is empty"):
+        math_equal("5", ["", " "])
+    assert grading.grade(r"\boxed{12}", ["12"], "math") == {"correct": True}
+
+
 def test_math_equal_many_matches_math_equal():
     preds = ["0.5", "13138980", r"\dfrac{1}{3}", None, "q-p", r"\boxed{-14+4\sqrt{15}}"]
     golds = [r"\frac12", 13138981.0, r"\frac13", "1", "p - q", r"4\sqrt{15}-14"]
@@ -149,3 +163,12 @@ def test_grade_math_domain():
     assert grading.grade("13138980", 13138981.0, "math") == {"correct": False}
     with pytest.raises(ValueError, match="unknown grading domain 'code'"):
         grading.grade("1", "1", "code")
+
+
+def test_amath_equal_in_an_event_loop():
+    async def main():
+        return await asyncio.gather(grading.amath_equal(r"\sqrt{8}", r"2\sqrt{2}", timeout=30),
+                                    grading.amath_equal("13138980", 13138981.0),
+                                    grading.amath_equal(None, "1"))
+
+    assert asyncio.run(main()) == [True, False, False]

@@ -87,7 +87,8 @@ def test_host_files_cannot_be_read(level, tmp_path):
 
 
 def test_host_files_cannot_be_written(level, tmp_path):
-    targets = [str(tmp_path / "pwned"), os.path.abspath("pwned_by_sandbox"), "/tmp/pwned_by_sandbox_2"]
+    targets = [str(tmp_path / "pwned"), os.path.abspath("pwned_by_sandbox"), "/tmp/pwned_by_sandbox_2",
+               "/pwned_by_sandbox", "/dev/shm/pwned_by_sandbox"]
     with make(level) as sb:
         r = sb.run(OS + "import numpy\nsite = os.path.dirname(numpy.__file__)\n"
                    f"for p in {targets!r} + [site + '/pwned.py']:\n"
@@ -244,7 +245,7 @@ def test_channel_tampering_is_detected(level):
         r = sb.run(code)
         assert r.error_type == "protocol" and r.restored, r
         # a forked child that writes a forged result is ignored: the real result arrives
-        forged = OS + ("import json, struct, stat, time\n"
+        forged = OS + ("import stat, time\njson, struct = real_import('json'), real_import('struct')\n"
                        "def is_sock(fd):\n    try:\n        return stat.S_ISSOCK(os.fstat(fd).st_mode)\n"
                        "    except OSError:\n        return False\n"
                        "sock = [fd for fd in range(3, 64) if is_sock(fd)][0]\n"

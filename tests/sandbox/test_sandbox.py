@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
+from sbhelpers import REAL_IMPORT
 
 from raydistill.sandbox import Result, Sandbox, SandboxConfig, SandboxError
-from sbhelpers import REAL_IMPORT
 
 
 @pytest.fixture
@@ -282,3 +283,56 @@ def test_code_too_long_is_a_model_error():
     with Sandbox(max_code_chars=100) as s:
         r = s.run("x = 1\n" * 50)
         assert r.error_type == "CodeTooLong" and isinstance(r, Result)
+
+
+def test_auto_falls_back_loudly_when_bubblewrap_is_missing(monkeypatch, caplog):
+    from raydistill.sandbox import launch
+
+    monkeypatch.setattr(launch, "bwrap_path", lambda: None)
+    # a zygote config of its own, so it starts under the patch
+    with caplog.at_level("WARNING", logger="raydistill.sandbox"), Sandbox(zygote_tmp_mb=19) as s:
+        assert s.isolation_level == "seccomp"
+        assert s.run("import numpy\nnumpy.float64(2) ** 5").value == "np.float64(32.0)"
+    assert any("WEAKER THAN REQUESTED" in r.getMessage() for r in caplog.records)
+    with pytest.raises(SandboxError, match="bubblewrap"):
+        Sandbox(isolation="bwrap", zygote_tmp_mb=19).ready()  # a named level is used exactly or fails
+
+
+def test_rlimits_level_only_when_allowed(caplog):
+    with caplog.at_level("WARNING", logger="raydistill.sandbox"), \
+            Sandbox(isolation="rlimits", min_isolation="rlimits") as s:
+        assert s.isolation == {**s.isolation, "level": "rlimits", "seccomp": False, "namespaces": False}
+        assert s.run("x = 3\nx * 3").value == "9"
+    assert any("WEAKER" in r.getMessage() for r in caplog.records)
+
+
+def test_zygote_death_is_survivable():
+    s = Sandbox(zygote_tmp_mb=21)
+    s.run("x = 1")
+    os.kill(s.isolation["zygote_pid"], 9)
+    time.sleep(0.5)
+    try:  # under bubblewrap the family dies with the zygote's namespace; without, it lives on
+        r = s.run("x")
+        assert r.value == "1" or r.restored
+    except SandboxError as e:
+        assert "lost" in str(e)
+    s.close()
+    with Sandbox(zygote_tmp_mb=21) as fresh:  # a new zygote starts
+        assert fresh.run("2 + 2").value == "4"
+
+
+def test_new_sandboxes_start_fresh_and_fast():
+    """Sandboxes come from a pool of pre-started fresh interpreters: no state leaks between them."""
+    with Sandbox() as first:
+        first.run("leak = 'no'")
+    times = []
+    for _ in range(4):
+        t = time.perf_counter()
+        s = Sandbox()
+        s.ready()
+        times.append(time.perf_counter() - t)
+        r = s.run("r = 'leak' in dir()\nleak = 'yes'\nr")
+        assert r.value == "False", r
+        s.close()
+        time.sleep(0.2)  # let the pool refill
+    assert min(times) < 1.0  # generous: a pre-started sandbox is ready in about a millisecond

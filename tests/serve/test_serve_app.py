@@ -20,20 +20,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SCRIPT = ["Thought: compute it\n```py\nx = 6 * 7\nprint('x is', x)\n```<end_code>",
+          "Thought: answer\n```py\nfinal_answer(x)\n```<end_code>"]
+
+
 @pytest.fixture(scope="module")
 def served(ray_local, tiny_model_dir, tmp_path_factory):
+    """The tiny-model app via the stage's `run` (what `raydistill serve` does), and beside it, deployed
+    concurrently to save time, a second app whose student is scripted (exact texts, for the sag test)."""
     from ray import serve
 
     from raydistill.stages import serve as serve_stage
 
     port = _free_port()
+    base = [f"serve.port={port}", "retrieval.enabled=false", "sandbox.pool.num_actors=1",
+            "sandbox.pool.num_cpus_per_actor=0.05"]
+    scripted = load_config(None, [*base, "student.backend=scripted", "student.model=scripted",
+                                  f"student.script={json.dumps(SCRIPT)}", "student.num_cpus=0.05",
+                                  "serve.num_cpus=0.05", "agent.max_steps=3"])
     cfg = load_config(None, [
-        f"run_dir={tmp_path_factory.mktemp('run')}", f"serve.port={port}", "retrieval.enabled=false",
-        "student.model=tiny:qwen2-tiny", "student.max_model_len=2048", "student.num_cpus=0.1",
-        "serve.num_cpus=0.1", "serve.max_request_bytes=4096", "serve.max_steps_limit=4",
-        "agent.max_steps=2", "agent.max_new_tokens=8",
-        "sandbox.pool.num_actors=1", "sandbox.pool.num_cpus_per_actor=0.1",
+        *base, f"run_dir={tmp_path_factory.mktemp('run')}", "student.model=tiny:qwen2-tiny",
+        "student.max_model_len=2048", "student.num_cpus=0.1", "serve.num_cpus=0.1", "serve.max_request_bytes=4096",
+        "serve.max_steps_limit=4", "agent.max_steps=2", "agent.max_new_tokens=8",
     ])
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run_many([serve.RunTarget(serve_stage.build_app(scripted), name="scripted", route_prefix="/scripted")],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     summary = serve_stage.run(cfg)
     assert summary["url"] == f"http://127.0.0.1:{port}"
     yield summary
@@ -154,3 +166,25 @@ def test_client_disconnect_cancels_episode(served):
     else:
         pytest.fail(f"episode not cancelled: {ep}")
     assert ep["completed"] == before["completed"]
+
+
+def test_sag_candidates_execute_in_forks_and_vote(served):
+    """The scripted student: the 3 sag candidates of each step run in forks of the episode's sandbox on the
+    pool actor, vote, and only the winner's state (x = 42) carries into the next step."""
+    from ray import serve
+
+    deadline = time.time() + 300
+    while str(serve.status().applications["scripted"].status).split(".")[-1] != "RUNNING":
+        assert time.time() < deadline, serve.status().applications["scripted"]
+        time.sleep(1)
+    r = httpx.post(served["url"] + "/scripted/v1/solve", json={"question": "6*7?", "sag": {"n": 3}},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["final_answer"] == "42" and body["error"] is None
+    steps = body["trajectory"]["steps"]
+    assert len(steps) == 2 and "x is 42" in steps[0]["observation"]
+    assert [s["survived"] for s in body["sag"]["steps"]] == [3, 3]
+    assert body["sag"]["steps"][0]["groups"][0][0] == 3  # one group of three identical results
+    health = _get(served["url"], "/scripted/healthz").json()
+    assert health["sandboxes_open"] == 0  # the episode closed its sandbox and every fork

@@ -173,6 +173,23 @@ def test_failed_stage_is_recorded_and_resume_continues_there(tmp_path, stages, r
     assert calls == ["train", "evaluate"]
 
 
+def test_killed_job_is_marked_interrupted_and_its_stage_redone(tmp_path, stages, ray_local):
+    calls, _ = stages
+    cfg = _cfg(tmp_path / "run")
+    distill.run(cfg, DistillConfig(stages=["index"]))
+    fps = distill.fingerprints(cfg)
+    m = json.loads((cfg.run_path / "manifest.json").read_text())
+    # What a SIGKILLed job leaves behind: itself and its stage still "running".
+    m["jobs"].append({"status": "running", "stages": {}})
+    m["stages"]["generate"] = {"status": "running", "fingerprint": fps["generate"]}
+    (cfg.run_path / "manifest.json").write_text(json.dumps(m))
+    calls.clear()
+    distill.run(cfg)
+    m = json.loads((cfg.run_path / "manifest.json").read_text())
+    assert [j["status"] for j in m["jobs"]] == ["succeeded", "interrupted", "succeeded"]
+    assert calls == ["generate", "train", "evaluate"]
+
+
 def test_changed_config_stops_or_reruns_downstream(tmp_path, stages, ray_local):
     calls, _ = stages
     distill.run(_cfg(tmp_path / "run"))

@@ -281,7 +281,7 @@ class Interpreter:
                     os.close(rest)
                 break
             if pid == 0:
-                for other in fds:
+                for other in [*fds, *self.chan.pending_fds()]:  # not ours: siblings' channels
                     if other != fd:
                         try:
                             os.close(other)

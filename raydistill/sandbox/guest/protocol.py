@@ -41,9 +41,9 @@ class Channel:
     def close(self) -> None:
         self.sock.close()
 
-    def detach(self) -> None:
-        """Forget the socket without closing it (used after fork when the fd is closed elsewhere)."""
-        self.sock.detach()
+    def pending_fds(self) -> list[int]:
+        """Descriptors received for frames not parsed yet."""
+        return list(self._fds)
 
     def send(self, obj: dict, fds: tuple[int, ...] | list[int] = ()) -> None:
         if fds:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import struct
 
@@ -115,33 +116,41 @@ def _pid_guard(arg: int, self_pid: int) -> list[bytes]:
             _ins(RET_K, 0, 0, RET_ALLOW)]
 
 
+@functools.lru_cache(maxsize=4)
+def _static(machine: str) -> tuple[bytes, bytes]:
+    """(arch check + x32 guard, deny rules) -- the part of the program that does not depend on the pid."""
+    t = TABLES[machine]
+    deny = RET_ERRNO | errno.EPERM
+    head = [_ins(LD_W_ABS, 0, 0, 4), _ins(JEQ_K, 1, 0, AUDIT_ARCH[machine]), _ins(RET_K, 0, 0, RET_KILL_PROCESS)]
+    if machine == "x86_64":  # refuse the x32 ABI (syscall numbers with bit 30 set)
+        head += [_ld_nr(), _ins(JGE_K, 0, 1, 0x40000000), _ins(RET_K, 0, 0, RET_ERRNO | errno.ENOSYS)]
+    rules = []
+    for name in DENY:
+        if name in t:
+            rules += _rule(t[name], [_ins(RET_K, 0, 0, deny)])
+    # fork()-style clone only: no namespace flags; clone3 hides its flags in memory -> ENOSYS, glibc then
+    # falls back to clone().
+    rules += _rule(t["clone"], [_ld_arg_lo(0), _ins(JSET_K, 0, 1, confine.NS_FLAGS), _ins(RET_K, 0, 0, deny),
+                                _ins(RET_K, 0, 0, RET_ALLOW)])
+    rules += _rule(t["clone3"], [_ins(RET_K, 0, 0, RET_ERRNO | errno.ENOSYS)])
+    rules += _rule(t["ioctl"], [_ld_arg_lo(1), _ins(JEQ_K, 1, 0, TIOCSTI), _ins(JEQ_K, 0, 1, TIOCLINUX),
+                                _ins(RET_K, 0, 0, deny), _ins(RET_K, 0, 0, RET_ALLOW)])
+    return b"".join(head), b"".join(rules)
+
+
 def build(self_pid: int, *, full: bool = True, machine: str | None = None) -> bytes:
     """The filter program. full=False builds only the pid guards (stacked on forks, see interp.py)."""
     machine = machine or arch()
     if machine not in TABLES:
         raise OSError(errno.ENOSYS, f"no seccomp syscall table for {os.uname().machine}")
     t = TABLES[machine]
-    deny = RET_ERRNO | errno.EPERM
-    prog = [_ins(LD_W_ABS, 0, 0, 4), _ins(JEQ_K, 1, 0, AUDIT_ARCH[machine]), _ins(RET_K, 0, 0, RET_KILL_PROCESS)]
-    if machine == "x86_64":  # refuse the x32 ABI (syscall numbers with bit 30 set)
-        prog += [_ld_nr(), _ins(JGE_K, 0, 1, 0x40000000), _ins(RET_K, 0, 0, RET_ERRNO | errno.ENOSYS)]
-    if full:
-        for name in DENY:
-            if name in t:
-                prog += _rule(t[name], [_ins(RET_K, 0, 0, deny)])
-        # fork()-style clone only: no namespace flags; clone3 hides its flags in memory -> ENOSYS, glibc
-        # then falls back to clone().
-        prog += _rule(t["clone"], [_ld_arg_lo(0), _ins(JSET_K, 0, 1, confine.NS_FLAGS), _ins(RET_K, 0, 0, deny),
-                                   _ins(RET_K, 0, 0, RET_ALLOW)])
-        prog += _rule(t["clone3"], [_ins(RET_K, 0, 0, RET_ERRNO | errno.ENOSYS)])
-        prog += _rule(t["ioctl"], [_ld_arg_lo(1), _ins(JEQ_K, 1, 0, TIOCSTI), _ins(JEQ_K, 0, 1, TIOCLINUX),
-                                   _ins(RET_K, 0, 0, deny), _ins(RET_K, 0, 0, RET_ALLOW)])
+    head, rules = _static(machine)
+    guards = []
     for name in PID_ARG0:
-        prog += _rule(t[name], _pid_guard(0, self_pid))
+        guards += _rule(t[name], _pid_guard(0, self_pid))
     for name in PID_ARG1:
-        prog += _rule(t[name], _pid_guard(1, self_pid))
-    prog.append(_ins(RET_K, 0, 0, RET_ALLOW))
-    return b"".join(prog)
+        guards += _rule(t[name], _pid_guard(1, self_pid))
+    return head + (rules if full else b"") + b"".join(guards) + _ins(RET_K, 0, 0, RET_ALLOW)
 
 
 class _SockFprog(ctypes.Structure):

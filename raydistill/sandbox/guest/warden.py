@@ -25,6 +25,8 @@ class Warden:
         self.ns = ctx["mode"] == "bwrap"
         self.procfd = -1
         self.self_view = os.getpid()
+        self.last_pid: int | None = None
+        self.deferred: set[int] = set()
 
     # -- setup -----------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -36,11 +38,14 @@ class Warden:
             self.self_view = int(os.readlink("self", dir_fd=self.procfd))
             confine.mount("tmpfs", "/tmp", "tmpfs", confine.MS_NOSUID | confine.MS_NODEV,
                           f"size={fam['tmp_bytes']},nr_inodes={fam['tmp_inodes']},mode=0700,uid={uid},gid={gid}")
-            try:  # hide other families and kernel knobs; the warden keeps its own handle on /proc
-                confine.mount("tmpfs", "/proc", "tmpfs", confine.MS_NOSUID | confine.MS_NODEV | confine.MS_NOEXEC,
-                              "size=4k,nr_inodes=4,mode=0555")
-            except OSError:
-                pass
+            # hide other families and kernel knobs (the warden keeps its own handle on /proc), and close the
+            # one shared writable place bubblewrap leaves (/dev/shm on its /dev tmpfs)
+            for target in ("/proc", "/dev/shm"):
+                try:
+                    confine.mount("tmpfs", target, "tmpfs", confine.MS_NOSUID | confine.MS_NODEV | confine.MS_NOEXEC,
+                                  "size=4k,nr_inodes=4,mode=0555")
+                except OSError:
+                    pass
             self.spec["tmp_dir"] = "/tmp"
             resource.setrlimit(resource.RLIMIT_NPROC, (fam["max_processes"], fam["max_processes"]))
         else:
@@ -93,7 +98,7 @@ class Warden:
         os.close(fd)
         return pid
 
-    def _stat(self, view_pid: str) -> tuple[int, int] | None:
+    def _stat(self, view_pid: int) -> tuple[int, int] | None:
         """(ppid, starttime) as seen in our /proc view."""
         try:
             fd = os.open(f"{view_pid}/stat", os.O_RDONLY, dir_fd=self.procfd)
@@ -106,59 +111,116 @@ class Warden:
         except (OSError, IndexError, ValueError):
             return None
 
-    def _inner_pid(self, view_pid: str) -> int | None:
-        """The pid in our own namespace (last NSpid entry)."""
+    def _read_int_lines(self, path: str, key: str) -> list[int] | None:
         try:
-            fd = os.open(f"{view_pid}/status", os.O_RDONLY, dir_fd=self.procfd)
+            fd = os.open(path, os.O_RDONLY, dir_fd=self.procfd)
             try:
                 data = os.read(fd, 8192).decode("ascii", "replace")
             finally:
                 os.close(fd)
-            for line in data.splitlines():
-                if line.startswith("NSpid:"):
-                    return int(line.split()[-1])
-        except (OSError, ValueError):
-            pass
+        except OSError:
+            return None
+        for line in data.splitlines():
+            if line.startswith(key):
+                try:
+                    return [int(x) for x in line.split()[1:]]
+                except ValueError:
+                    return None
         return None
 
-    def sweep(self, keep: set[int], spare: set[int] = frozenset()) -> int:
-        """SIGKILL every descendant whose (own-namespace) pid is not in `keep`, except direct children of
-        `spare` processes (a fork of theirs may not be registered yet); repeat until nothing is killed."""
+    def _kill_checked(self, inner: int, view: int, starttime: int) -> bool:
+        """SIGKILL through a pidfd, after checking the pid still names the process we looked at."""
+        try:
+            pidfd = os.pidfd_open(inner)
+        except OSError:
+            return False
+        try:
+            st = self._stat(view)
+            if st is None or st[1] != starttime:
+                return False
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(pidfd)
+
+    def sweep(self, keep: set[int], keep_view: set[int], spare_view: set[int] = frozenset(),
+              as_of: int | None = None) -> int:
+        """SIGKILL every family process that is not registered (`keep` in our pid namespace, `keep_view` in
+        our /proc view), except children of `spare_view` processes (their fork may not be registered yet)
+        and processes started at or after `as_of` (boot-time clock ticks, as in /proc/<pid>/stat)."""
+        if self.ns and as_of is not None:
+            n = self._sweep_new(keep, spare_view, as_of)
+            if n is not None:
+                return n
+        return self._sweep_all(keep_view, spare_view, as_of)
+
+    def _sweep_new(self, keep: set[int], spare_view: set[int], as_of: int) -> int | None:
+        """Fast path (pid namespace): only pids allocated since the last sweep, or deferred then, are
+        candidates -- ns_last_pid tells which. None when the pid counter wrapped (use the full scan)."""
+        try:
+            fd = os.open("sys/kernel/ns_last_pid", os.O_RDONLY, dir_fd=self.procfd)
+            try:
+                cur_pid = int(os.read(fd, 32))
+            finally:
+                os.close(fd)
+        except (OSError, ValueError):
+            return None
+        if self.last_pid is None or cur_pid < self.last_pid or cur_pid - self.last_pid > 4096:
+            self.last_pid = cur_pid
+            self.deferred = set()
+            return None
+        cands = set(range(self.last_pid + 1, cur_pid + 1)) | self.deferred
+        self.last_pid, self.deferred = cur_pid, set()
+        killed = 0
+        me = os.getpid()
+        for pid in sorted(cands):
+            if pid in keep or pid == me:
+                continue
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue  # already gone
+            try:
+                view = self._read_int_lines(f"self/fdinfo/{pidfd}", "Pid:")
+                st = self._stat(view[0]) if view and view[0] > 0 else None
+                if st is None:
+                    continue
+                if st[0] in spare_view or st[1] >= as_of:
+                    self.deferred.add(pid)  # look again next time
+                    continue
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+            finally:
+                os.close(pidfd)
+        return killed
+
+    def _sweep_all(self, keep_view: set[int], spare_view: set[int], as_of: int | None) -> int:
+        """Full scan of our /proc view: every descendant of this warden is a candidate."""
         killed = 0
         for _ in range(20):
             table = {}
             for name in os.listdir(self.procfd):
                 if name.isdigit():
-                    st = self._stat(name)
+                    st = self._stat(int(name))
                     if st is not None:
                         table[int(name)] = st
             children: dict[int, list[int]] = {}
             for pid, (ppid, _) in table.items():
                 children.setdefault(ppid, []).append(pid)
-            inner = {self.self_view: os.getpid()}
-            todo, victims = [self.self_view], []
+            todo, n = [self.self_view], 0
             while todo:
                 parent = todo.pop()
                 for c in children.get(parent, ()):
                     todo.append(c)
-                    inner[c] = self._inner_pid(str(c))
-                    if inner[c] is not None and inner[c] not in keep and inner.get(parent) not in spare:
-                        victims.append(c)
-            n = 0
-            for view_pid in victims:
-                try:
-                    pidfd = os.pidfd_open(inner[view_pid])
-                except OSError:
-                    continue
-                try:  # same process as in the table (pid not reused meanwhile)?
-                    st = self._stat(str(view_pid))
-                    if st is not None and st[1] == table[view_pid][1]:
-                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    if c in keep_view or parent in spare_view or (as_of is not None and table[c][1] >= as_of):
+                        continue
+                    inner = self._read_int_lines(f"{c}/status", "NSpid:")
+                    if inner and self._kill_checked(inner[-1], c, table[c][1]):
                         n += 1
-                except OSError:
-                    pass
-                finally:
-                    os.close(pidfd)
             killed += n
             if n == 0:
                 break
@@ -166,7 +228,7 @@ class Warden:
 
     def kill_all(self) -> None:
         if self.procfd >= 0:
-            self.sweep(set())
+            self._sweep_all(set(), set(), None)
 
     # -- serving ---------------------------------------------------------------------------------------
     def serve(self):
@@ -186,7 +248,9 @@ class Warden:
                         os.close(fd)
                 self.chan.send({"op": "spawned", "ok": not errors, "errors": errors})
             elif op == "sweep":
-                n = self.sweep({int(p) for p in msg.get("keep", [])}, {int(p) for p in msg.get("spare", [])})
+                as_of = msg.get("as_of")
+                n = self.sweep(_ints(msg, "keep"), _ints(msg, "keep_view"), _ints(msg, "spare_view"),
+                               int(as_of) if as_of is not None else None)
                 self.chan.send({"op": "swept", "killed": n})
             elif op == "ping":
                 self.chan.send({"op": "pong"})
@@ -199,6 +263,10 @@ class Warden:
         os._exit(0)
 
 
+def _ints(msg: dict, key: str) -> set[int]:
+    return {int(p) for p in msg.get(key, [])}
+
+
 def main(spec: dict, wfd: int, ifd: int, ctx: dict) -> None:
     """Entry in the family's first process (never returns)."""
     chan = Channel(wfd)
@@ -206,6 +274,13 @@ def main(spec: dict, wfd: int, ifd: int, ctx: dict) -> None:
         w = Warden(chan, spec, ctx)
         w.setup()
         w.spawn(ifd)
+        if w.ns:  # sweeps only look at pids allocated after this point
+            try:
+                fd = os.open("sys/kernel/ns_last_pid", os.O_RDONLY, dir_fd=w.procfd)
+                w.last_pid = int(os.read(fd, 32))
+                os.close(fd)
+            except (OSError, ValueError):
+                pass
         chan.send({"op": "hello", "role": "warden", "pid": os.getpid()})
     except BaseException as e:  # noqa: BLE001
         try:

@@ -111,9 +111,11 @@ def main() -> None:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001
             pass
-    import traceback  # noqa: F401 - warm what interpreters use lazily
     import tokenize  # noqa: F401
+    import traceback  # noqa: F401 - warm what interpreters use lazily
 
+    if seccomp.arch() is not None:
+        seccomp.build(0)  # cache the static part of the filter for every fork
     info = {"uid": os.getuid(), "gid": os.getgid(), "pid": os.getpid(), "preload_errors": errors,
             "python": sys.version.split()[0], "landlock_abi": landlock.abi(),
             "seccomp": seccomp.arch() is not None and _probe(_seccomp_works)}
