@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -82,12 +81,13 @@ async def concurrent_python_c(code: str, n_boxes: int, steps: int) -> tuple[floa
 
 
 # -- sandbox -------------------------------------------------------------------------------------------
-def sandbox_starts(n: int) -> tuple[list[float], list[float]]:
+def sandbox_starts(n: int, **kw) -> tuple[list[float], list[float]]:
     """(create -> ready, create -> first step done) per new sandbox, numpy+sympy imported in that step."""
     ready, first = [], []
     for _ in range(n):
+        time.sleep(0.05)
         t = time.perf_counter()
-        sb = Sandbox()
+        sb = Sandbox(**kw)
         sb.ready()
         ready.append(time.perf_counter() - t)
         r = sb.run("import numpy, sympy\n1")
@@ -119,40 +119,28 @@ async def concurrent_sandboxes(n_boxes: int, steps: int, gap: float) -> tuple[fl
     return wall, lat
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--write-docs", action="store_true", help="rewrite the '## Sandbox' section of docs/benchmarks.md")
-    ap.add_argument("--json", help="also write raw figures here")
-    args = ap.parse_args()
-    k = 1 if args.quick else 3
+def measure(quick: bool) -> dict:
+    k = 1 if quick else 3
     load0 = os.getloadavg()
-
     # warm the zygote (one-time per host process: imports numpy+sympy once)
     t = time.perf_counter()
     warm = Sandbox()
     warm.ready()
-    zygote_s = time.perf_counter() - t
-    level = warm.isolation_level
-
-    rows: list[tuple[str, str, str, str]] = []  # (what, p50, p99, note)
-    raw: dict = {"level": level, "zygote_start_s": zygote_s}
+    raw: dict = {"zygote_start_s": time.perf_counter() - t, "level": warm.isolation_level, "k": k}
 
     # baselines
-    pyc = timed(lambda: python_c(SNIPPET), 10 * k)
-    pycnp = timed(lambda: python_c(NP_SNIPPET), 3 * k)
-    bare = timed(bare_exec_factory(), 2000 * k)
-    raw.update(python_c=pyc, python_c_np=pycnp, bare_exec=bare)
+    raw["python_c"] = timed(lambda: python_c(SNIPPET), 10 * k)
+    raw["python_c_np"] = timed(lambda: python_c(NP_SNIPPET), 3 * k)
+    raw["bare_exec"] = timed(bare_exec_factory(), 2000 * k)
 
     # steps in one sandbox
     warm.run("import numpy, sympy")
-    b2b = timed(lambda: warm.run(SNIPPET), 100 * k)
-    gap = timed(lambda: warm.run(SNIPPET), 50 * k, gap=0.02)
+    raw["step_back_to_back"] = timed(lambda: warm.run(SNIPPET), 100 * k)
+    raw["step_with_gap"] = timed(lambda: warm.run(SNIPPET), 50 * k, gap=0.02)
     nosnap = Sandbox(snapshots=False)
     nosnap.run("import numpy, sympy")
-    nosnap_steps = timed(lambda: nosnap.run(SNIPPET), 100 * k)
+    raw["step_no_snapshots"] = timed(lambda: nosnap.run(SNIPPET), 100 * k)
     nosnap.close()
-    raw.update(step_back_to_back=b2b, step_with_gap=gap, step_no_snapshots=nosnap_steps)
 
     # forks
     forks: list[float] = []
@@ -166,53 +154,77 @@ def main() -> int:
     raw["fork"] = forks
 
     # new sandboxes
-    ready, first = sandbox_starts(10 * k)
-    raw.update(start_ready=ready, start_first_step=first)
+    raw["start_ready"], raw["start_first_step"] = sandbox_starts(10 * k)
+    raw["start_cold"], _ = sandbox_starts(10 * k, warm_sandboxes=0)
+    t = time.perf_counter()
+    for _ in range(10 * k):
+        s = Sandbox(warm_sandboxes=0)
+        s.ready()
+        s.close()
+    raw["cold_starts_per_s"] = 10 * k / (time.perf_counter() - t)
 
     # 16 concurrent sandboxes
-    steps = 10 * k
-    wall16, lat16 = asyncio.run(concurrent_sandboxes(16, steps, 0.0))
-    wall16g, lat16g = asyncio.run(concurrent_sandboxes(16, steps, 0.02))
-    cwall, clat = asyncio.run(concurrent_python_c(SNIPPET, 16, 2 * k))
-    cwall_np, clat_np = asyncio.run(concurrent_python_c(NP_SNIPPET, 16, 1))
-    raw.update(conc16_wall=wall16, conc16_lat=lat16, conc16_gap_wall=wall16g, conc16_gap_lat=lat16g,
-               conc16_python_c_wall=cwall, conc16_python_c_lat=clat, conc16_python_c_np_wall=cwall_np,
-               conc16_python_c_np_lat=clat_np)
+    raw["conc_steps"] = steps = 10 * k
+    raw["conc16_wall"], raw["conc16_lat"] = asyncio.run(concurrent_sandboxes(16, steps, 0.0))
+    raw["conc16_gap_wall"], raw["conc16_gap_lat"] = asyncio.run(concurrent_sandboxes(16, steps, 0.02))
+    raw["conc16_python_c_wall"], raw["conc16_python_c_lat"] = asyncio.run(concurrent_python_c(SNIPPET, 16, 2 * k))
+    raw["conc16_python_c_np_wall"], raw["conc16_python_c_np_lat"] = asyncio.run(
+        concurrent_python_c(NP_SNIPPET, 16, 1))
     warm.close()
-    load1 = os.getloadavg()
+    raw["load"] = [load0[0], os.getloadavg()[0]]
+    return raw
 
-    floor = statistics.median(bare)
-    rows += [
-        ("baseline: python -c per step", ms(pct(pyc, 50)), ms(pct(pyc, 99)), ""),
-        ("baseline: python -c + numpy,sympy", ms(pct(pycnp, 50)), ms(pct(pycnp, 99)), ""),
-        ("baseline: bare in-process exec", ms(pct(bare, 50)), ms(pct(bare, 99)), "the floor, no isolation"),
-        ("sandbox step, 20 ms think gap", ms(pct(gap, 50)), ms(pct(gap, 99)),
+
+def render(raw: dict) -> str:
+    pyc, pycnp, bare = raw["python_c"], raw["python_c_np"], raw["bare_exec"]
+    gap, b2b, nosnap = raw["step_with_gap"], raw["step_back_to_back"], raw["step_no_snapshots"]
+    ready, first, cold, forks = raw["start_ready"], raw["start_first_step"], raw["start_cold"], raw["fork"]
+    lat16, lat16g, clat, clat_np = (raw["conc16_lat"], raw["conc16_gap_lat"], raw["conc16_python_c_lat"],
+                                    raw["conc16_python_c_np_lat"])
+    steps = raw["conc_steps"]
+    floor = pct(bare, 50)
+    rows = [
+        ("baseline: python -c per step", pyc, ""),
+        ("baseline: python -c + numpy,sympy", pycnp, ""),
+        ("baseline: bare in-process exec", bare, "the floor, no isolation"),
+        ("sandbox step, 20 ms think gap", gap,
          f"+{ms(pct(gap, 50) - floor)} ms over exec; {pct(pyc, 50) / pct(gap, 50):.0f}x faster than python -c, "
          f"{pct(pycnp, 50) / pct(gap, 50):.0f}x than python -c + numpy,sympy"),
-        ("sandbox step, back-to-back", ms(pct(b2b, 50)), ms(pct(b2b, 99)),
+        ("sandbox step, back-to-back", b2b,
          f"+{ms(pct(b2b, 50) - floor)} ms over exec (waits for the previous step's snapshot fork)"),
-        ("sandbox step, snapshots off", ms(pct(nosnap_steps, 50)), ms(pct(nosnap_steps, 99)),
-         f"+{ms(pct(nosnap_steps, 50) - floor)} ms over exec"),
-        ("new sandbox (numpy+sympy ready)", ms(pct(ready, 50)), ms(pct(ready, 99)),
-         f"{1 / statistics.mean(ready):.0f} starts/s sequential; vs {ms(pct(pycnp, 50))} ms python -c + numpy,sympy"),
-        ("new sandbox + first step (imports numpy, sympy)", ms(pct(first, 50)), ms(pct(first, 99)), ""),
-        ("fork (state copy, e.g. sag candidate)", ms(pct(forks, 50)), ms(pct(forks, 99)), ""),
-        ("16 concurrent sandboxes, per step", ms(pct(lat16, 50)), ms(pct(lat16, 99)),
-         f"{16 * steps / wall16:.0f} steps/s (back-to-back)"),
-        ("16 concurrent sandboxes, 20 ms gaps", ms(pct(lat16g, 50)), ms(pct(lat16g, 99)),
-         f"{16 * steps / wall16g:.0f} steps/s"),
-        ("16 concurrent python -c", ms(pct(clat, 50)), ms(pct(clat, 99)), f"{len(clat) / cwall:.0f} steps/s"),
-        ("16 concurrent python -c + numpy,sympy", ms(pct(clat_np, 50)), ms(pct(clat_np, 99)),
-         f"{len(clat_np) / cwall_np:.1f} steps/s"),
+        ("sandbox step, snapshots off", nosnap, f"+{ms(pct(nosnap, 50) - floor)} ms over exec"),
+        ("new sandbox (numpy+sympy ready), from the pre-started pool", ready,
+         f"vs {ms(pct(pycnp, 50))} ms python -c + numpy,sympy"),
+        ("new sandbox, started on demand (warm_sandboxes=0)", cold,
+         f"{raw['cold_starts_per_s']:.0f} starts/s sequential (start+close), "
+         f"{pct(pycnp, 50) / pct(cold, 50):.0f}x faster than python -c + numpy,sympy"),
+        ("new sandbox + first step (imports numpy, sympy)", first, ""),
+        ("fork (state copy, e.g. sag candidate)", forks, ""),
+        ("16 concurrent sandboxes, per step", lat16, f"{16 * steps / raw['conc16_wall']:.0f} steps/s (back-to-back)"),
+        ("16 concurrent sandboxes, 20 ms gaps", lat16g, f"{16 * steps / raw['conc16_gap_wall']:.0f} steps/s"),
+        ("16 concurrent python -c", clat, f"{len(clat) / raw['conc16_python_c_wall']:.0f} steps/s"),
+        ("16 concurrent python -c + numpy,sympy", clat_np,
+         f"{len(clat_np) / raw['conc16_python_c_np_wall']:.1f} steps/s"),
     ]
-    header = (f"isolation level: {level}; zygote start (one-time, imports numpy+sympy): {zygote_s:.2f} s; "
-              f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load average "
-              f"{load0[0]:.1f} -> {load1[0]:.1f}; snippet: `sum(i * i for i in range(100))`")
+    header = (f"isolation level: {raw['level']}; zygote start (one-time, imports numpy+sympy): "
+              f"{raw['zygote_start_s']:.2f} s; {os.cpu_count()} CPUs ({platform.machine()}), load average "
+              f"{raw['load'][0]:.1f} -> {raw['load'][1]:.1f}; snippet: `sum(i * i for i in range(100))`")
     table = ["| measurement | p50 ms | p99 ms | notes |", "|---|---:|---:|---|"]
-    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    text = header + "\n\n" + "\n".join(table)
+    table += [f"| {name} | {ms(pct(xs, 50))} | {ms(pct(xs, 99))} | {note} |" for name, xs, note in rows]
+    return header + "\n\n" + "\n".join(table)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--write-docs", action="store_true", help="rewrite the '## Sandbox' section of docs/benchmarks.md")
+    ap.add_argument("--json", help="also write raw figures here")
+    ap.add_argument("--from-json", help="render a table from raw figures saved by --json instead of measuring")
+    args = ap.parse_args()
+    raw = json.loads(Path(args.from_json).read_text()) if args.from_json else measure(args.quick)
+    text = render(raw)
     print(text)
-    if args.json:
+    if args.json and not args.from_json:
         Path(args.json).write_text(json.dumps(raw))
     if args.write_docs:
         write_docs(text)

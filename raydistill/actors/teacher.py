@@ -23,6 +23,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from raydistill.agent.trajectory import Trajectory
@@ -34,6 +35,31 @@ log = logging.getLogger(__name__)
 
 STAT_COLUMNS = ("id", "sample", "source", "correct", "reason", "steps", "prompt_tokens", "completion_tokens",
                 "gen_s", "exec_s", "code_steps", "duration_s", "skipped")
+
+
+RUN_TOKEN_FILE = "RUN"
+
+
+class SupersededError(RuntimeError):
+    """A newer generate run took over the output directory."""
+
+
+def read_run_token(directory: Any) -> str | None:
+    try:
+        return (Path(directory) / RUN_TOKEN_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def write_run_token(directory: Any) -> str:
+    """Claim `directory` for a new run; writers of older runs stop writing (see TeacherWorker._write)."""
+    token = uuid.uuid4().hex
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".tmp-{RUN_TOKEN_FILE}-{token}"
+    tmp.write_text(token)
+    os.replace(tmp, d / RUN_TOKEN_FILE)
+    return token
 
 
 def episode_seed(seed: int, qid: str, sample: int) -> int:
@@ -72,7 +98,7 @@ class TeacherWorker:
     """
 
     def __init__(self, cfg: RootConfig | dict[str, Any], kind: str, out_dir: str, sandbox_pool: Any = None,
-                 web_search: Callable | None = None) -> None:
+                 web_search: Callable | None = None, run_token: str | None = None) -> None:
         from raydistill.engines import create_engine
 
         if kind not in ("agent", "cot"):
@@ -80,6 +106,7 @@ class TeacherWorker:
         self.cfg = cfg if isinstance(cfg, RootConfig) else RootConfig.model_validate(cfg)
         self.kind = kind
         self.store = TrajectoryStore(out_dir)
+        self.run_token = run_token
         self.sandbox_pool = sandbox_pool
         self.tools: dict[str, Callable] = {"web_search": web_search} if web_search is not None else {}
         self.tag = uuid.uuid4().hex[:6]
@@ -93,7 +120,11 @@ class TeacherWorker:
         log.info("teacher worker %s (pid %d) up: %s, kind=%s", self.tag, os.getpid(), self.engine.describe(), kind)
 
     def _create_engine(self, create_engine: Callable) -> Any:
-        return create_engine(self.cfg.teacher)
+        t = self.cfg.teacher
+        if t.backend == "vllm" and t.tensor_parallel_size > 1 and "distributed_executor_backend" not in t.engine_kwargs:
+            # This actor already holds all N GPUs; vLLM's default inside Ray would ask Ray for N more.
+            t = t.model_copy(update={"engine_kwargs": {**t.engine_kwargs, "distributed_executor_backend": "mp"}})
+        return create_engine(t)
 
     # -- durability ----------------------------------------------------------------------------------
     def _ensure_loop_objects(self) -> None:
@@ -130,11 +161,18 @@ class TeacherWorker:
             if not items:
                 return
             try:
-                await asyncio.to_thread(self.store.write, items, self.tag)
+                await asyncio.to_thread(self._write, items)
             except BaseException:
                 self._pending = items + self._pending
                 self._pending_since = since
                 raise
+
+    def _write(self, items: list[Trajectory]) -> None:
+        if self.run_token is not None and read_run_token(self.store.dir) != self.run_token:
+            # A newer run owns this directory (this actor outlived a killed driver): writing could duplicate
+            # rows that run is making, so stop instead.
+            raise SupersededError(f"{self.store.dir} now belongs to a newer generate run; not writing")
+        self.store.write(items, self.tag)
 
     # -- episodes ------------------------------------------------------------------------------------
     def _temperature(self) -> float | None:

@@ -41,6 +41,9 @@ class RetrievalConfig(Section):
     hnsw_ef_construction: int = Field(200, ge=8)
     hnsw_ef_search: int = Field(128, ge=1)
     nprobe: int = Field(32, ge=1)
+    refine_factor: int = Field(4, ge=0)
+    """ivfpq/hnsw search: re-score the top k*refine_factor candidates exactly from the on-disk embedding
+    shards (memory-mapped); 0 = off. Ignored for flat."""
     train_size: int = Field(262_144, ge=256)
     """Vectors sampled to train IVF-PQ."""
     # The search service (raydistill.actors.retriever)

@@ -27,6 +27,11 @@ class SandboxLimits(Section):
     kill_grace_s: float = Field(2.0, gt=0)
     tool_timeout_s: float = Field(120.0, gt=0)
     """Budget of one tool call made from sandboxed code (e.g. web_search)."""
+    max_tool_calls_per_step: int = Field(100, ge=1)
+    """More tool calls than this in one step stop the step (tool time is not step time, so without a cap a
+    loop of calls would never time out)."""
+    max_step_wall_s: float = Field(900.0, gt=0)
+    """Hard wall-clock cap on one step including its tool calls."""
     cpu_s_per_step: float = Field(60.0, gt=0)
     """RLIMIT_CPU soft limit added per step (SIGXCPU -> TimeoutError in the code)."""
     cpu_s_total: int = Field(3600, ge=1)

@@ -50,6 +50,10 @@ def write_example(row: dict[str, Any], path: Path) -> Path:
         f"- gold: {', '.join(f'`{g}`' for g in traj.gold) or '-'}",
         f"- steps: {len(traj.steps)}, tool calls: {traj.tool_calls}, duration: {traj.duration_s:.2f}s",
     ]
+    if traj.kind == "cot":
+        passages = traj.sampling_dict().get("passages", 0)
+        lines.append(f"- chain of thought, {passages} retrieved passages prepended" if passages
+                     else "- chain of thought, no retrieval")
     if traj.scores:
         lines.append(f"- scores: `{traj.scores}`")
     if traj.error:

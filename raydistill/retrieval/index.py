@@ -193,6 +193,77 @@ class TorchFlatIndex(SearchIndex):
         return self
 
 
+class ShardVectors:
+    """Row-addressable, memory-mapped view over embedding shard files (`emb-<start>-<end>.npy`): exact vectors
+    for re-ranking stay on disk (page cache), not in RAM."""
+
+    def __init__(self, paths: Sequence[str | Path]):
+        items = sorted((int(Path(p).stem.split("-")[1]), Path(p)) for p in paths)
+        if not items:
+            raise FileNotFoundError("no embedding shards given")
+        self.starts = np.array([s for s, _ in items], np.int64)
+        self.arrays = [np.load(p, mmap_mode="r") for _, p in items]
+        self.dim = int(self.arrays[0].shape[1])
+        ends = self.starts + np.array([len(a) for a in self.arrays])
+        if self.starts[0] != 0 or (ends[:-1] != self.starts[1:]).any():
+            raise ValueError("embedding shards do not tile the corpus (a shard is missing)")
+        self.ntotal = int(ends[-1])
+
+    @classmethod
+    def from_dir(cls, emb_dir: str | Path) -> ShardVectors:
+        return cls(sorted(Path(emb_dir).glob("emb-*.npy")))
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Vectors of `rows` (any shape); -1 rows give zeros."""
+        flat = np.asarray(rows, np.int64).ravel()
+        out = np.zeros((len(flat), self.dim), np.float32)
+        valid = flat >= 0
+        which = np.searchsorted(self.starts, flat, side="right") - 1
+        for s in np.unique(which[valid]):
+            sel = valid & (which == s)
+            out[sel] = self.arrays[s][flat[sel] - self.starts[s]]
+        return out.reshape(*np.shape(rows), self.dim)
+
+
+class RefinedIndex(SearchIndex):
+    """An approximate index whose top `k * factor` candidates are re-scored exactly from on-disk vectors.
+    IVF-PQ keeps `pq_m` bytes per vector in RAM; re-ranking recovers most of the recall it loses."""
+
+    def __init__(self, base: SearchIndex, vectors: ShardVectors, factor: int = 4):
+        if vectors.ntotal != base.ntotal or vectors.dim != base.dim:
+            raise ValueError(f"shards hold {vectors.ntotal}x{vectors.dim}, index {base.ntotal}x{base.dim}")
+        self.base, self.vectors, self.factor = base, vectors, max(1, int(factor))
+        self.index, self.kind, self.device = base.index, base.kind, base.device
+        self.params = {**base.params, "refine_factor": self.factor}
+
+    @property
+    def ntotal(self) -> int:
+        return self.base.ntotal
+
+    @property
+    def dim(self) -> int:
+        return self.base.dim
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = _as_f32(queries)
+        _, cand = self.base.search(q, k * self.factor)
+        exact = np.einsum("nkd,nd->nk", self.vectors.take(cand), q)
+        exact[cand < 0] = -np.inf
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        ids = np.take_along_axis(cand, order, axis=1)
+        scores = np.take_along_axis(exact, order, axis=1).astype(np.float32)
+        return scores, ids
+
+    def set_search_params(self, nprobe=None, ef_search=None) -> None:
+        self.base.set_search_params(nprobe, ef_search)
+
+    def save(self, path):
+        return self.base.save(path)
+
+    def to_device(self, device="auto"):
+        return RefinedIndex(self.base.to_device(device), self.vectors, self.factor)
+
+
 def effective_params(kind: str, n: int, dim: int, *, nlist: int = 1024, pq_m: int = 16, pq_nbits: int = 8,
                      hnsw_m: int = 32, ef_construction: int = 200, ef_search: int = 128,
                      nprobe: int = 32) -> dict:

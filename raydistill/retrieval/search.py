@@ -15,7 +15,7 @@ import numpy as np
 
 from raydistill.retrieval.corpus import Corpus, read_corpus, text_of, title_of
 from raydistill.retrieval.embedders import Embedder, create_embedder
-from raydistill.retrieval.index import SearchIndex
+from raydistill.retrieval.index import RefinedIndex, SearchIndex, ShardVectors
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,9 @@ class Retriever:
     @classmethod
     def from_index_dir(cls, index_dir: str | Path, *, embedder: Embedder | None = None, device: str | None = None,
                        index_device: str = "cpu", fp16: bool = True, nprobe: int | None = None,
-                       ef_search: int | None = None, batch_size: int = 256) -> Retriever:
-        """Open what `raydistill index` wrote: meta.json names the corpus and embedder."""
+                       ef_search: int | None = None, refine_factor: int = 0, batch_size: int = 256) -> Retriever:
+        """Open what `raydistill index` wrote: meta.json names the corpus and embedder. `refine_factor` > 0
+        re-scores an approximate index's top k*factor exactly from the on-disk embedding shards."""
         meta = load_meta(index_dir)
         passages = read_corpus(meta["corpus"])
         if len(passages) != meta["count"]:
@@ -89,6 +90,12 @@ class Retriever:
         index = SearchIndex.load(Path(index_dir) / INDEX_FILE, kind=meta["index_type"],
                                  params=meta.get("index_params"))
         index.set_search_params(nprobe, ef_search)
+        if refine_factor and index.kind != "flat":
+            emb_dir = Path(index_dir) / "embeddings"
+            try:
+                index = RefinedIndex(index, ShardVectors.from_dir(emb_dir), refine_factor)
+            except (FileNotFoundError, ValueError) as e:
+                log.warning("no exact re-ranking (%s in %s): searching the %s index alone", e, emb_dir, index.kind)
         index = index.to_device(index_device)
         if embedder is None:
             emb = meta["embedder"]

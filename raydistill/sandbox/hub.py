@@ -34,6 +34,7 @@ log = logging.getLogger("raydistill.sandbox")
 FAMILY_UID_BASE = 0x50000000
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 WARM_CONFIGS = 4
+SWEEP_INTERVAL_S = 0.1
 WEAK_WARNING = ("SANDBOX ISOLATION IS WEAKER THAN REQUESTED: running model code at level {level!r} ({why}). "
                 "No namespaces: the host's files are hidden only by Landlock (if available) and the network only "
                 "by seccomp. Install bubblewrap and allow unprivileged user namespaces for full isolation.")
@@ -298,6 +299,7 @@ class Family:
         self._wlock = asyncio.Lock()
         self._sweep_task: asyncio.Task | None = None
         self._sweep_again = False
+        self._last_sweep = 0.0
         self.closed = False
 
     @property
@@ -360,6 +362,10 @@ class Family:
 
     async def _sweeper(self) -> None:
         while True:
+            wait = self._last_sweep + SWEEP_INTERVAL_S - time.monotonic()
+            if wait > 0:  # at most one routine sweep per interval (back-to-back steps share one)
+                await asyncio.sleep(wait)
+            self._last_sweep = time.monotonic()
             self._sweep_again = False
             try:
                 await self.sweep()

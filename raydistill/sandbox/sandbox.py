@@ -369,6 +369,9 @@ class _Box:
                     f"its files were deleted and the code was stopped. {after}")
         if outcome == "protocol":
             return f"SandboxError: the code interfered with the interpreter ({detail}) and was stopped. {after}"
+        if outcome == "tool_limit":
+            return (f"ToolCallLimit: the code made more than {self.lim.max_tool_calls_per_step} tool calls in one "
+                    f"step and was stopped. {after}")
         return ("InterpreterCrash: the Python process running the code died (a crash, os._exit(), a fatal signal, or "
                 f"a resource limit such as memory or CPU time). {after}")
 
@@ -399,6 +402,7 @@ class _Box:
     async def _converse(self, x: Proc, caller_loop) -> tuple[str, Any, int, float]:
         """Serve one step: answer tool calls until the result arrives, the budget runs out, or x dies."""
         budget = self.lim.step_timeout_s + self.lim.kill_grace_s  # the sandbox interrupts itself first
+        wall_end = time.monotonic() + self.lim.max_step_wall_s
         used = 0.0
         calls, tool_s = 0, 0.0
         watch_disk = not self.family.ns and self.family.tmp_dir is not None
@@ -426,6 +430,10 @@ class _Box:
                 return "result", msg, calls, tool_s
             if op != "tool":
                 return "protocol", f"unexpected {str(op)[:40]!r} message", calls, tool_s
+            if calls >= self.lim.max_tool_calls_per_step:
+                return "tool_limit", None, calls, tool_s
+            if time.monotonic() > wall_end:
+                return "timeout", None, calls, tool_s
             t1 = time.monotonic()
             reply = await self._call_tool(msg, caller_loop)
             calls += 1

@@ -208,6 +208,9 @@ def create_app(backend: SolveBackend, serve_cfg: ServeConfig, agent_cfg: AgentCo
                 # our watcher cancelled the episode because the client left: nobody reads this answer
                 return JSONResponse(error_payload(499, "client disconnected", "cancelled"), status_code=499)
             raise
+        except Exception:
+            counters.failed += 1  # infrastructure failure (model misbehaviour is recorded in the trajectory)
+            raise
         finally:
             counters.active -= 1
             await _cancel(task)

@@ -46,20 +46,23 @@ RESOURCE_KEYS = frozenset({
     "flush_interval_s", "progress_interval_s", "worker_num_cpus", "on_config_change", "enforce_eager",
     "api_key_env", "endpoint_api_key_env", "judge_api_key_env", "micro_batch_size", "gradient_checkpointing",
     "attn_implementation", "packing", "max_tokens_per_batch", "max_failures", "shuffle_buffer",
+    "server_num_cpus", "server_num_gpus", "index_device", "start_timeout_s",
     # Additive lists: each kind/mode has its own output dir, and the stage's own is_done sees a missing one.
     "kinds", "modes",
 })
 
 # Which parts of the config shape each stage's output. True = the whole section (minus RESOURCE_KEYS).
 STAGE_INPUTS: dict[str, dict[str, Any]] = {
-    "index": {"seed": True, "retrieval": ("corpus", "embedder", "index_type", "index_dir", "shard_size", "fp16",
-                                          "ivf_nlist", "pq_m", "hnsw_m")},
+    # What the index stage itself keys its output on (seed only matters to IVF training: left out).
+    "index": {"retrieval": ("corpus", "embedder", "max_length", "index_type", "index_dir", "shard_size", "fp16",
+                            "ivf_nlist", "pq_m", "pq_nbits", "train_size", "hnsw_m", "hnsw_ef_construction")},
     "generate": {"seed": True, "data": ("train_sets", "limit", "strict"), "teacher": True, "agent": True,
-                 "sandbox": True, "retrieval": ("enabled", "top_k", "nprobe"), "generate": True, "sft": True,
+                 "sandbox": True, "retrieval": ("enabled", "top_k", "nprobe", "hnsw_ef_search"), "generate": True,
+                 "sft": True,
                  "student": ("model", "tokenizer")},
     "train": {"seed": True, "student": ("model", "tokenizer", "dtype"), "train": True},
     "evaluate": {"seed": True, "data": ("test_sets", "limit", "strict"), "student": True, "agent": True,
-                 "sandbox": True, "retrieval": ("enabled", "top_k", "nprobe"), "evaluate": True},
+                 "sandbox": True, "retrieval": ("enabled", "top_k", "nprobe", "hnsw_ef_search"), "evaluate": True},
 }
 UPSTREAM: dict[str, tuple[str, ...]] = {
     "index": (), "generate": ("index",), "train": ("generate",), "evaluate": ("index", "train"),
@@ -330,6 +333,15 @@ def _in_ray_job() -> bool:
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
+def _ray_job_id() -> str | None:
+    """The submission id when this driver was started by `ray job submit` (from the job config Ray injects)."""
+    try:
+        metadata = json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"]).get("metadata") or {}
+    except (KeyError, ValueError, AttributeError):
+        return None
+    return metadata.get("job_submission_id")
+
+
 def _say(msg: str) -> None:
     """Progress lines: on stdout (what `ray job logs` streams) and in the log."""
     print(f"[distill] {msg}", flush=True)
@@ -449,7 +461,7 @@ def _start_job(manifest: Manifest, cfg: RootConfig, dcfg: DistillConfig) -> dict
     data["distill"] = dcfg.model_dump(mode="json")
     data["versions"] = package_versions()
     job = {"started": _now(), "status": "running", "host": socket.gethostname(), "pid": os.getpid(),
-           "ray_job": os.environ.get("RAY_JOB_SUBMISSION_ID") or None, "argv": sys.argv,
+           "ray_job": _ray_job_id(), "argv": sys.argv,
            "stages": {}}
     data["jobs"].append(job)
     manifest.save()

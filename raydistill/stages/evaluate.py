@@ -369,10 +369,11 @@ def _wait_pool_ready(pool: Any, timeout_s: float) -> None:
 
 
 def _start_retriever(cfg: RootConfig) -> Any:
-    from raydistill.actors.retriever import RetrieverActor
+    from raydistill.actors.retriever import start_retriever
+    from raydistill.retrieval import load_meta, resolve_index_dir
 
-    return RetrieverActor.options(num_cpus=cfg.retrieval.num_cpus, num_gpus=cfg.retrieval.num_gpus).remote(
-        cfg.model_dump())
+    load_meta(resolve_index_dir(cfg))  # a clear "build the index first" error before any actor starts
+    return start_retriever(cfg)
 
 
 def _run_offline(cfg: RootConfig, variant: Variant, rows: list[dict[str, Any]], sandbox_pool: Any,

@@ -341,12 +341,15 @@ def generate_trajectories(cfg: RootConfig, kind: str, rows: list[dict[str, Any]]
     log.info("%s: %d episodes, %d already done, %d to run", kind, len(rows), already, len(todo))
     progress = Progress(kind, len(rows), already, cfg.generate.progress_interval_s)
     if todo:
+        from raydistill.actors.teacher import write_run_token
+
+        token = write_run_token(out_dir)
         init_ray(cfg.ray)
         own_tools = tools is None
         tools = _Tools(cfg, kind) if own_tools else tools
         try:
             for batch in _iter_results(cfg, kind, todo, out_dir, tools, worker_cls or TeacherWorker,
-                                       worker_kwargs):
+                                       {"run_token": token, **(worker_kwargs or {})}):
                 progress.update(batch.to_pydict())
         finally:
             if own_tools:

@@ -122,8 +122,10 @@ def load_plan(emb_dir: Path, corpus: Path, ident: dict) -> tuple[int, list[Shard
 
 
 # ------------------------------------------------------------------------------------- Ray Data UDFs
-def _read_chunks(batch: dict, corpus: str, chunk: int) -> dict:
+def _read_chunks(batch: dict, corpus: str, chunk: int):
     """One shard spec -> its rows as chunks of `chunk` rows (one embedding forward pass each)."""
+    import pyarrow as pa
+
     starts, shards, texts = [], [], []
     for i in range(len(batch["index"])):
         shard = Shard(**{k: int(batch[k][i]) for k in ("index", "start", "end", "offset", "line")})
@@ -131,10 +133,9 @@ def _read_chunks(batch: dict, corpus: str, chunk: int) -> dict:
         for j in range(0, len(contents), chunk):
             shards.append(shard.index)
             starts.append(shard.start + j)
-            texts.append(np.array(contents[j:j + chunk], dtype=object))
-    out_texts = np.empty(len(texts), dtype=object)
-    out_texts[:] = texts
-    return {"shard": np.array(shards, np.int64), "start": np.array(starts, np.int64), "contents": out_texts}
+            texts.append(contents[j:j + chunk])
+    return pa.table({"shard": pa.array(shards, pa.int64()), "start": pa.array(starts, pa.int64()),
+                     "contents": pa.array(texts, pa.list_(pa.string()))})
 
 
 class EmbedChunks:
@@ -171,11 +172,11 @@ def embed_missing(cfg: RootConfig, corpus: Path, emb_dir: Path, missing: list[Sh
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     ds = ray.data.from_items([s.to_dict() for s in missing], override_num_blocks=len(missing))
     ds = ds.map_batches(_read_chunks, fn_kwargs={"corpus": str(corpus), "chunk": r.batch_size}, batch_size=1,
-                        num_cpus=0.1, scheduling_strategy=here)
+                        num_cpus=0.1, ray_remote_args_fn=lambda: {"scheduling_strategy": here})
     ds = ds.map_batches(EmbedChunks, fn_constructor_kwargs={"spec": r.embedder, "max_length": r.max_length,
                                                              "fp16": r.fp16, "batch_size": r.batch_size},
-                        batch_size=1, concurrency=r.num_actors, num_cpus=r.num_cpus,
-                        num_gpus=r.num_gpus or None)
+                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=r.num_actors),
+                        num_cpus=r.num_cpus, num_gpus=r.num_gpus or None)
     by_index = {s.index: s for s in missing}
     buffers: dict[int, np.ndarray] = {}
     filled: dict[int, int] = {}

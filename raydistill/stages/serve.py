@@ -81,32 +81,29 @@ class ServeEngineProxy(Engine):
 
 @serve.deployment(name="Retriever")
 class RetrieverDeployment:
-    """`web_search(query) -> str` over the run's index; queries arriving together are embedded in one batch."""
+    """The run's index behind `web_search(query) -> str`. A `RetrieverService` (raydistill.actors.retriever)
+    coalesces the queries of concurrent episodes into one embedding + faiss batch."""
 
     def __init__(self, cfg_json: str) -> None:
-        from raydistill.retrieval import Retriever, resolve_index_dir
+        from raydistill.actors.retriever import RetrieverService
+        from raydistill.retrieval import resolve_index_dir
 
         cfg = RootConfig.model_validate_json(cfg_json)
-        self.k = cfg.retrieval.top_k
-        device = "cuda" if cfg.retrieval.num_gpus > 0 else "cpu"
-        self.retriever = Retriever.from_index_dir(resolve_index_dir(cfg), device=device, fp16=cfg.retrieval.fp16,
-                                                  nprobe=cfg.retrieval.nprobe, batch_size=cfg.retrieval.batch_size)
-
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def _search(self, queries: list[str]) -> list[str]:
-        from raydistill.retrieval import format_web_search
-
-        hits = await asyncio.to_thread(self.retriever.search, list(queries), self.k)
-        return [format_web_search(q, h) for q, h in zip(queries, hits, strict=True)]
+        r = cfg.retrieval
+        self.service = RetrieverService(
+            str(resolve_index_dir(cfg)), top_k=r.top_k, max_batch_size=r.max_batch_size,
+            batch_wait_ms=r.batch_wait_ms, fp16=r.fp16, nprobe=r.nprobe, ef_search=r.hnsw_ef_search,
+            index_device=r.index_device if r.server_num_gpus > 0 else "cpu")
 
     async def web_search(self, query: str) -> str:
-        from raydistill.retrieval.tool import check_query
-
-        return await self._search(check_query(query))
+        return await self.service.web_search(query)
 
     async def passages(self, query: str, k: int) -> list[str]:
-        hits = await asyncio.to_thread(self.retriever.search, [query], k)
+        hits = await self.service.search([query], k)
         return [h.contents for h in hits[0]]
+
+    async def stats(self) -> dict:
+        return await self.service.stats()
 
 
 def make_serve_web_search(handle: Any):
@@ -238,9 +235,9 @@ def build_app(args: dict | RootConfig) -> Application:
     retriever = None
     if cfg.retrieval.enabled and cfg.agent.web_search:
         retriever = RetrieverDeployment.options(
-            num_replicas=cfg.retrieval.num_actors,
-            ray_actor_options={"num_cpus": cfg.retrieval.num_cpus, "num_gpus": cfg.retrieval.num_gpus},
-            max_ongoing_requests=1024,
+            num_replicas=1,
+            ray_actor_options={"num_cpus": cfg.retrieval.server_num_cpus, "num_gpus": cfg.retrieval.server_num_gpus},
+            max_ongoing_requests=4096,
         ).bind(cfg_json)
     sandboxes = SandboxPoolDeployment.options(
         num_replicas=1, ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=4096,

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,8 +383,8 @@ def main(cfg: RootConfig, args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"kinds": args.kind})})
     try:
         summary = run(cfg)
-    except (TrainError, SftDataError) as e:
-        print(f"error: {e}")
+    except (TrainError, SftDataError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)  # the message says what is wrong and what to do: no traceback
         return 2
     for kind, s in summary["kinds"].items():
         state = "done already" if s.get("skipped") else f"{s['steps']} steps in {s['seconds']:.0f}s"

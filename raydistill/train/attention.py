@@ -16,7 +16,10 @@ NAME = "sdpa_varlen"
 
 def segment_bounds(position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
                    length: int | None = None) -> list[int]:
-    """Sample boundaries [0, b1, ..., L] of a packed row, from cu_seq_lens or from restarting position ids."""
+    """Sample boundaries [0, b1, ..., L] of a packed row, from cu_seq_lens or from restarting position ids.
+
+    Both are device tensors on GPU, so this syncs; the training loop passes `packed_seq_bounds` (a list) instead.
+    """
     if cu_seq_lens is not None:
         return [int(x) for x in cu_seq_lens.tolist()]
     if position_ids is None:
@@ -48,7 +51,8 @@ def sdpa_varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
             query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
             is_causal=mask is None and query.shape[2] > 1)
         return out.transpose(1, 2).contiguous(), None
-    bounds = segment_bounds(kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"), query.shape[2])
+    bounds = kwargs.get("packed_seq_bounds") or segment_bounds(kwargs.get("position_ids"),
+                                                               kwargs.get("cu_seq_lens_q"), query.shape[2])
     if len(bounds) == 2:
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=dropout,
                                                                scale=scaling, is_causal=True)
@@ -84,3 +88,38 @@ def resolve_attn_implementation(requested: str, on_gpu: bool, packing: bool) -> 
     if requested == NAME:
         register()
     return requested
+
+
+def check_packed_isolation(attn: str, device: torch.device | str = "cpu") -> float:
+    """Fail fast if `attn` (with this transformers version) lets packed samples attend to each other.
+
+    Runs a one-layer random Qwen2 with the same attention implementation on a packed row and on each sample
+    alone; returns the ratio of the packed error to the error of ignoring the boundaries (about 0 when isolated).
+    """
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from raydistill.train.packing import Sample, pack_row
+
+    device = torch.device(device)
+    dtype = torch.bfloat16 if attn.startswith("flash") else torch.float32
+    cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, use_cache=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).to(device, dtype).eval()
+        samples = [Sample(torch.randint(0, 128, (n,)).numpy(), torch.zeros(n, dtype=torch.int8).numpy())
+                   for n in (11, 5, 23)]
+    mb = pack_row(samples)
+    with torch.no_grad():
+        packed = model(**mb.model_inputs(device, flash=attn.startswith("flash"))).logits[0].float()
+        alone = torch.cat([model(input_ids=torch.from_numpy(s.input_ids)[None].to(device), use_cache=False)
+                           .logits[0].float() for s in samples])
+        leaky = model(input_ids=mb.input_ids.to(device), use_cache=False).logits[0].float()
+    ratio = float((packed - alone).abs().max() / (leaky - alone).abs().max().clamp(min=1e-12))
+    if ratio > 0.1:
+        import transformers
+
+        raise RuntimeError(f"attn_implementation={attn!r} does not keep packed samples apart with transformers "
+                           f"{transformers.__version__} (error ratio {ratio:.2f}); set train.attn_implementation="
+                           f"{NAME} or train.packing=false")
+    return ratio

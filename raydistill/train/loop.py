@@ -170,10 +170,12 @@ def load_peft_model(s: LoopSettings, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     from raydistill.models import resolve_model
-    from raydistill.train.attention import resolve_attn_implementation
+    from raydistill.train.attention import check_packed_isolation, resolve_attn_implementation
 
     on_gpu = device.type == "cuda"
     attn = resolve_attn_implementation(s.attn_implementation, on_gpu=on_gpu, packing=s.packing)
+    if s.packing:
+        check_packed_isolation(attn, device)  # milliseconds; guards against a transformers that ignores packing
     dtype = torch.bfloat16 if (on_gpu and s.bf16) else torch.float32
     model = AutoModelForCausalLM.from_pretrained(resolve_model(s.model), dtype=dtype, attn_implementation=attn)
     model.config.use_cache = False
@@ -224,6 +226,7 @@ class _Engine:
         self.s, self.rt = s, rt
         self.device = rt.device
         peft_model, self.attn = load_peft_model(s, self.device)
+        self.flash = self.attn.startswith("flash")  # its varlen kernel takes cu_seq_lens on the device
         self.peft_model = peft_model
         self.trainable = [p for p in peft_model.parameters() if p.requires_grad]
         warmup = math.ceil(s.warmup_ratio * plan.total_steps)
@@ -252,13 +255,13 @@ class _Engine:
     def micro_step(self, mb: MicroBatch, scale: float, last: bool) -> torch.Tensor:
         if self.ds:
             self.engine.set_gradient_accumulation_boundary(last)
-            loss = loss_sum(self.engine, mb, self.device)
+            loss = loss_sum(self.engine, mb, self.device, self.flash)
             self.engine.backward(loss * scale)
             return loss.detach()
         sync = contextlib.nullcontext() if (last or not hasattr(self.model, "no_sync")) else self.model.no_sync()
         with sync:
             with self.autocast:
-                loss = loss_sum(self.model, mb, self.device)
+                loss = loss_sum(self.model, mb, self.device, self.flash)
             (loss * scale).backward()
         return loss.detach()
 
@@ -455,6 +458,8 @@ def run(settings: LoopSettings | dict, rt: Runtime) -> dict:
                     "padded_tokens": int(padded_total), "micro_batches": n_max,
                     "dummy_micro_batches": n_max - len(mbs), "step_time_s": round(dt, 4),
                     "tokens_per_s": tokens_total / dt, "tokens_per_s_per_worker": tokens_total / dt / rt.world_size}
+            if rt.device.type == "cuda":
+                last["max_memory_gb"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 2)
             history.append(last)
             if live is not None:
                 with live.open("a") as fh:

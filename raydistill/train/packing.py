@@ -74,16 +74,25 @@ class MicroBatch:
     def padded_tokens(self) -> int:
         return int(self.input_ids.numel())
 
-    def model_inputs(self, device: torch.device | str) -> dict:
-        """Keyword arguments for a HF causal LM forward (no labels: the loop computes the loss itself)."""
+    def model_inputs(self, device: torch.device | str, flash: bool = False) -> dict:
+        """Keyword arguments for a HF causal LM forward (no labels: the loop computes the loss itself).
+
+        Packed rows also carry their sample boundaries: FlashAttention's varlen kernel takes them as
+        `cu_seq_lens_*` tensors on the GPU; `sdpa_varlen` takes them as a plain list (`packed_seq_bounds`), which
+        DDP does not move to the device, so reading them costs no device sync in every layer. HF's sdpa/eager
+        paths ignore both and build their mask from the restarting position ids.
+        """
         kw = {"input_ids": self.input_ids.to(device, non_blocking=True),
               "position_ids": self.position_ids.to(device, non_blocking=True), "use_cache": False}
         if self.attention_mask is not None:
             kw["attention_mask"] = self.attention_mask.to(device, non_blocking=True)
         if self.cu_seq_lens is not None:
-            cu = self.cu_seq_lens.to(device, non_blocking=True)
-            kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=self.max_seq_len,
-                      max_length_k=self.max_seq_len)
+            if flash:
+                cu = self.cu_seq_lens.to(device, non_blocking=True)
+                kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=self.max_seq_len,
+                          max_length_k=self.max_seq_len)
+            else:
+                kw["packed_seq_bounds"] = [int(x) for x in self.cu_seq_lens.tolist()]
         return kw
 
 
@@ -159,19 +168,21 @@ def dummy_micro_batch(pad_id: int) -> MicroBatch:
     return pack_row([Sample(np.array([pad_id]), np.array([0]), key="<dummy>")])
 
 
-def loss_sum(model: torch.nn.Module, mb: MicroBatch, device: torch.device | str) -> torch.Tensor:
+def loss_sum(model: torch.nn.Module, mb: MicroBatch, device: torch.device | str, flash: bool = False
+             ) -> torch.Tensor:
     """Sum of token cross-entropies over the micro-batch's targets, computing logits only where needed.
 
     `logits_to_keep` (an index tensor) makes the LM head run on target positions only (~40% of agent tokens),
-    which saves both the head's FLOPs and the (tokens x vocab) logits memory.
+    which saves both the head's FLOPs and the (tokens x vocab) logits memory. Indices are found on the host, so
+    nothing here waits for the device.
     """
-    targets = mb.targets.to(device, non_blocking=True)
-    keep = torch.nonzero((targets != IGNORE).any(0)).flatten()
-    if keep.numel() == 0:  # nothing to learn here (dummy batch): keep one logit, contribute a zero loss
-        keep = torch.zeros(1, dtype=torch.long, device=device)
-        out = model(**mb.model_inputs(device), logits_to_keep=keep)
+    keep_host = torch.nonzero((mb.targets != IGNORE).any(0)).flatten()
+    inputs = mb.model_inputs(device, flash)
+    if keep_host.numel() == 0:  # nothing to learn here (dummy batch): keep one logit, contribute a zero loss
+        out = model(**inputs, logits_to_keep=torch.zeros(1, dtype=torch.long, device=device))
         return out.logits.float().sum() * 0.0
-    out = model(**mb.model_inputs(device), logits_to_keep=keep)
+    targets = mb.targets[:, keep_host].to(device, non_blocking=True)
+    out = model(**inputs, logits_to_keep=keep_host.to(device, non_blocking=True))
     logits = out.logits  # (rows, kept, vocab)
-    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                             targets[:, keep].reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum")

@@ -1,5 +1,7 @@
-"""`raydistill evaluate` on CPU: all 8 bundled test sets (1 question each), agent / agent_sag / cot, on Ray Data
-with a tiny random-weight student; then resume (nothing redone) and the rendered report."""
+"""`raydistill evaluate` on CPU: all 8 bundled test sets (1 question each), agent / agent_sag / cot / rag_cot, on
+Ray Data with a tiny random-weight student, a sandbox pool and a retriever over a small real index; then resume
+(nothing redone) and the rendered report. (web_search from pool sandboxes into a retriever is exercised end to
+end by tests/serve/test_serve_app.py's scripted student.)"""
 
 from __future__ import annotations
 
@@ -16,14 +18,15 @@ TEST_SETS = sorted(n for n, p in bundled_sets().items() if p.parent.name == "tes
 
 
 @pytest.fixture(scope="module")
-def evaluated(ray_local, tiny_model_dir, tmp_path_factory):
+def evaluated(ray_local, tiny_model_dir, small_index, tmp_path_factory):
     from raydistill.stages import evaluate
 
     run_dir = tmp_path_factory.mktemp("evalrun")
     cfg = load_config(None, [
-        f"run_dir={run_dir}", "retrieval.enabled=false", "student.model=tiny:qwen2-tiny",
+        f"run_dir={run_dir}", *small_index, "student.model=tiny:qwen2-tiny",
         "student.max_model_len=2048", f"evaluate.sets={json.dumps(TEST_SETS)}", "evaluate.limit=1",
-        "evaluate.modes=[agent, agent_sag, cot]", "evaluate.num_cpus=0.2", "evaluate.batch_size=12",
+        "evaluate.modes=[agent, agent_sag, cot, rag_cot]", "evaluate.num_cpus=0.2", "evaluate.batch_size=16",
+        "evaluate.cot_max_new_tokens=12",
         "agent.max_steps=2", "agent.max_new_tokens=8", "agent.sag.n=2",
         "sandbox.pool.num_actors=1", "sandbox.pool.num_cpus_per_actor=0.1",
     ])
@@ -37,17 +40,19 @@ def test_all_sets_and_modes_are_graded(evaluated):
     cfg, summary = evaluated
     assert len(TEST_SETS) == 8
     rows = read_results(cfg.run_path / "eval" / "results")
-    assert len(rows) == 8 * 3 == summary["rows"]
-    assert {(r["benchmark"], r["mode"]) for r in rows} == {(b, m) for b in TEST_SETS for m in ("agent", "agent_sag",
-                                                                                              "cot")}
+    modes = ("agent", "agent_sag", "cot", "rag_cot")
+    assert len(rows) == 8 * 4 == summary["rows"]
+    assert {(r["benchmark"], r["mode"]) for r in rows} == {(b, m) for b in TEST_SETS for m in modes}
     for r in rows:
         assert r["correct"] in (True, False), r  # every row graded
         assert r["model_label"] == "qwen2-tiny" and r["model_size_b"] and r["model_size_b"] < 0.01
         scores = json.loads(r["scores"])
         if r["domain"] == "qa":
             assert {"em", "f1"} <= set(scores)
-        if r["mode"] == "cot":
+        if r["mode"] in ("cot", "rag_cot"):
             assert r["kind"] == "cot" and r["num_steps"] <= 1
+            assert json.loads(r["sampling"])["passages"] == (2 if r["mode"] == "rag_cot" else 0)
+            assert json.loads(r["sampling"])["cot"]["max_tokens"] == 12
         else:
             assert r["kind"] == "agent" and 1 <= r["num_steps"] <= 2 and r["system_prompt"] == "student"
         if r["mode"] == "agent_sag" and not r["error"]:
@@ -93,3 +98,4 @@ def test_resume_redoes_nothing(evaluated):
     assert not evaluate.is_done(cfg2)
     plan = evaluate.plan(cfg2)
     assert sum(len(todo) for _, todo in plan) == 3  # the second bamboogle question, once per mode
+

@@ -4,6 +4,7 @@ is in the output exactly once, and the work finished before the kill is not redo
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from raydistill.stages import generate
 # Each episode: one code step that sleeps (a slow tool), then final_answer - slow enough to kill partway.
 SCRIPT = [
     "Thought: work.\n```py\nimport time\ntime.sleep(0.3)\nx = 2 + 2\nprint(x)\n```<end_code>",
-    "Thought: done.\n```py\nfinal_answer('\\\\boxed{4}')\n```<end_code>",
+    "Thought: done.\n```py\nfinal_answer('Paris')\n```<end_code>",
 ]
 
 
@@ -27,7 +28,7 @@ def _write_config(tmp_path: Path) -> Path:
     cfg = {
         "run_dir": str(tmp_path / "run"),
         "ray": {"address": "local", "num_cpus": 2},
-        "data": {"train_sets": ["math_1000", "hotpotqa_1000"], "limit": 6},
+        "data": {"train_sets": ["hotpotqa_1000"], "limit": 12},
         "teacher": {"backend": "scripted", "model": "scripted", "script": SCRIPT},
         "student": {"backend": "transformers", "model": "tiny:qwen2-tiny"},
         "agent": {"max_steps": 3},
@@ -48,12 +49,36 @@ def _start(cfg_path: Path, log: Path) -> subprocess.Popen:
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """The driver's session: its local Ray (gcs, raylet, workers) - all started by this test."""
+def _session_pids(session: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if session in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def _kill_group(proc: subprocess.Popen, log: Path) -> None:
+    """Everything the driver started (all started by this test): its process group (gcs, raylet) and the
+    Ray workers of its session (they run in process groups of their own), found by the session dir name."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    m = re.search(r"/(session_[0-9_\-]+)", log.read_text())
+    if not m:
+        return
+    deadline = time.monotonic() + 30
+    while (pids := _session_pids(m.group(1))) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
 
 
 def test_sigkill_driver_then_resume(tmp_path):
@@ -74,8 +99,7 @@ def test_sigkill_driver_then_resume(tmp_path):
         proc.wait(30)
         time.sleep(1.0)
     finally:
-        _kill_group(proc)
-    time.sleep(0.5)
+        _kill_group(proc, tmp_path / "run1.log")
     shards_at_kill = {p.name for p in TrajectoryStore(store.dir).shards()}
     done_at_kill = TrajectoryStore(store.dir).keys()
     assert 4 <= len(done_at_kill) < total, f"{len(done_at_kill)} of {total} done at the kill"
@@ -85,7 +109,7 @@ def test_sigkill_driver_then_resume(tmp_path):
     try:
         assert proc.wait(400) == 0, (tmp_path / "run2.log").read_text()
     finally:
-        _kill_group(proc)
+        _kill_group(proc, tmp_path / "run2.log")
     log2 = (tmp_path / "run2.log").read_text()
     assert f"agent: {total} episodes, {len(done_at_kill)} already done, {total - len(done_at_kill)} to run" in log2
 

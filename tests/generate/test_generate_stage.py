@@ -41,31 +41,36 @@ def _cfg(tmp_path: Path, *overrides: str, script: list[str] | None = None, sets:
 
 
 def test_cot_end_to_end_and_rerun_skips(ray_local, tmp_path):
-    cfg = _cfg(tmp_path, "generate.samples_per_question=2", "generate.max_correct_per_question=1")
+    cfg = _cfg(tmp_path, "generate.samples_per_question=2", "generate.max_correct_per_question=1", "data.limit=2")
+    # the scripted teacher gives every question the first QA question's gold: exactly that one is correct
+    first_qa = next(r for r in generate.question_rows(cfg) if r["source"] == "hotpotqa_1000")
+    cfg.teacher.script = [f"Let me recall.\n\nIt is <answer>{first_qa['gold'][0]}</answer>"]
     out = generate.run(cfg)
     s = out["kinds"]["cot"]
-    assert s["generation"]["total"] == 12 and s["generation"]["episodes"] == 12
+    assert s["generation"]["total"] == 8 and s["generation"]["episodes"] == 8
     trajs, dups = TrajectoryStore(tmp_path / "run/trajectories/cot").read()
     assert dups == 0 and sorted(t.key for t in trajs) == sorted(
         (r["id"], r["sample"]) for r in generate.question_rows(cfg))
     report = json.loads((tmp_path / "run/filter/cot/report.json").read_text())
     # math golds are not 4 except by chance; every QA answer "\boxed{4}" is wrong
-    assert report["total"] == 12 and report["by_source"]["hotpotqa_1000"]["passed"] == 0
-    graded = read_table(tmp_path / "run/filter/cot/trajectories.parquet")
-    assert all(t.correct is not None for t in graded) and all((t.rejected is None) == t.correct for t in graded
-                                                              if t.sample == 0)
+    assert report["total"] == 8 and report["by_source"]["hotpotqa_1000"]["correct"] == 2
+    assert report["passed"] == 1 and report["reasons_primary"] == {"wrong_answer": 6, "over_cap": 1}
+    graded = {t.key: t for t in read_table(tmp_path / "run/filter/cot/trajectories.parquet")}
+    assert graded[(first_qa["id"], 0)].rejected is None and graded[(first_qa["id"], 1)].rejected == "over_cap"
+    assert all(t.correct is not None and t.scores for t in graded.values())
     meta = read_meta(tmp_path / "run/sft/cot")
-    assert meta["count"] == report["kept_for_sft"] == report["passed"]
+    assert meta["count"] == report["kept_for_sft"] == 1
+    assert read_dataset(tmp_path / "run/sft/cot").column("id").to_pylist() == [first_qa["id"]]
     assert generate.is_done(cfg)
     # a second run does nothing new
     again = generate.run(cfg)
     assert again["kinds"]["cot"]["generation"]["episodes"] == 0
-    assert again["kinds"]["cot"]["generation"]["already_done"] == 12
+    assert again["kinds"]["cot"]["generation"]["already_done"] == 8
     # more questions: only the new ones run
-    more = _cfg(tmp_path, "generate.samples_per_question=2", "data.limit=4")
+    more = _cfg(tmp_path, "generate.samples_per_question=2", "data.limit=3", script=cfg.teacher.script)
     assert not generate.is_done(more)
     assert generate.run(more)["kinds"]["cot"]["generation"]["episodes"] == 4
-    assert TrajectoryStore(tmp_path / "run/trajectories/cot").count_rows() == 16
+    assert TrajectoryStore(tmp_path / "run/trajectories/cot").count_rows() == 12
 
 
 def test_smoke_mode_keeps_everything_and_sft_is_real(ray_local, tmp_path):

@@ -212,6 +212,14 @@ def test_tool_time_is_not_step_time():
         assert r.ok and r.value == "3" and r.tool_s >= 2.9
 
 
+def test_endless_tool_calls_are_stopped():
+    with Sandbox(tools={"ping": lambda: "pong"}, max_tool_calls_per_step=20) as s:
+        s.run("x = 1")
+        r = s.run("while True:\n    ping()")
+        assert r.error_type == "tool_limit" and r.restored and r.tool_calls == 20, r
+        assert s.run("x").value == "1"
+
+
 def test_async_tool_runs_on_the_callers_loop():
     async def main():
         loop = asyncio.get_running_loop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -154,3 +155,67 @@ def test_api_key(engine, monkeypatch):
     monkeypatch.delenv("RD_TEST_KEY")
     with pytest.raises(ValueError, match="RD_TEST_KEY"):
         create_app(EpisodeBackend(engine), cfg, AGENT)
+
+
+def test_disconnect_cancels_episode_under_uvicorn(tmp_path):
+    """Plain uvicorn (no Serve): the app's own watcher sees the client leave and cancels the episode."""
+    import threading
+
+    import uvicorn
+
+    from raydistill.engines.scripted import ScriptedEngine
+
+    engine = ScriptedEngine(outputs=["Thought: wait\n```py\nx = 1\n```<end_code>"], cycle=True, delay_s=3.0)
+    app = create_app(EpisodeBackend(engine, tools={}), ServeConfig(), AgentConfig(max_steps=5))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 60
+        while not server.started:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url + "/v1/solve", json={"question": "slow"}, timeout=1.0)
+        while True:
+            ep = httpx.get(url + "/healthz", timeout=10).json()["episodes"]
+            if ep["cancelled"] == 1 and ep["active"] == 0:
+                break
+            assert time.time() < deadline, ep
+            time.sleep(0.2)
+        assert ep["completed"] == 0
+        calls = len(engine.calls)
+        time.sleep(3.5)
+        assert len(engine.calls) == calls  # the episode made no further engine calls after it was cancelled
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_serve_config_yaml_builds_the_app(monkeypatch):
+    """configs/serve_app.yaml: valid for Serve's schema, and its import path + args build an Application."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from raydistill.stages.serve import build_app, config_from_args
+
+    repo = Path(__file__).resolve().parents[2]
+    doc = yaml.safe_load((repo / "configs" / "serve_app.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(doc)
+    assert schema.http_options.host == "127.0.0.1"
+    [app_doc] = doc["applications"]
+    assert app_doc["import_path"] == "raydistill.stages.serve:build_app"
+    args = {**app_doc["args"], "config": str(repo / app_doc["args"]["config"]), "serve.max_sag_n": 4,
+            "retrieval.enabled": False}
+    app = call_user_app_builder_with_args_if_necessary(build_app, args)
+    assert isinstance(app, Application)
+    cfg = config_from_args(args)
+    assert cfg.serve.max_sag_n == 4 and cfg.retrieval.enabled is False and cfg.student.model == "tiny:qwen2-tiny"
+    with pytest.raises(Exception, match="unknown key"):
+        config_from_args({"serve.no_such_key": 1})

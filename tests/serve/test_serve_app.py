@@ -20,14 +20,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-SCRIPT = ["Thought: compute it\n```py\nx = 6 * 7\nprint('x is', x)\n```<end_code>",
+SCRIPT = ["Thought: look it up, then compute\n```py\nr = web_search('Evan Morris lobbyist')\nprint(r[:300])\n"
+          "x = 6 * 7\nprint('x is', x)\n```<end_code>",
           "Thought: answer\n```py\nfinal_answer(x)\n```<end_code>"]
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, tiny_model_dir, tmp_path_factory):
+def served(ray_local, tiny_model_dir, small_index, tmp_path_factory):
     """The tiny-model app via the stage's `run` (what `raydistill serve` does), and beside it, deployed
-    concurrently to save time, a second app whose student is scripted (exact texts, for the sag test)."""
+    concurrently to save time, a second app whose student is scripted (exact texts, for the sag test) and
+    which has the Retriever deployment over a small real index."""
     from ray import serve
 
     from raydistill.stages import serve as serve_stage
@@ -35,7 +37,8 @@ def served(ray_local, tiny_model_dir, tmp_path_factory):
     port = _free_port()
     base = [f"serve.port={port}", "retrieval.enabled=false", "sandbox.pool.num_actors=1",
             "sandbox.pool.num_cpus_per_actor=0.05"]
-    scripted = load_config(None, [*base, "student.backend=scripted", "student.model=scripted",
+    scripted = load_config(None, [*base, *small_index, "retrieval.enabled=true", "student.backend=scripted",
+                                  "student.model=scripted",
                                   f"student.script={json.dumps(SCRIPT)}", "student.num_cpus=0.05",
                                   "serve.num_cpus=0.05", "agent.max_steps=3"])
     cfg = load_config(None, [
@@ -170,7 +173,8 @@ def test_client_disconnect_cancels_episode(served):
 
 def test_sag_candidates_execute_in_forks_and_vote(served):
     """The scripted student: the 3 sag candidates of each step run in forks of the episode's sandbox on the
-    pool actor, vote, and only the winner's state (x = 42) carries into the next step."""
+    pool actor (each calling web_search, which goes from the sandbox host actor to the Retriever deployment),
+    vote, and only the winner's state (x = 42) carries into the next step."""
     from ray import serve
 
     deadline = time.time() + 300
@@ -184,7 +188,36 @@ def test_sag_candidates_execute_in_forks_and_vote(served):
     assert body["final_answer"] == "42" and body["error"] is None
     steps = body["trajectory"]["steps"]
     assert len(steps) == 2 and "x is 42" in steps[0]["observation"]
+    assert "Retrieved documents:" in steps[0]["observation"] and "Evan Morris" in steps[0]["observation"]
+    assert body["trajectory"]["tools"] == ["web_search"]
     assert [s["survived"] for s in body["sag"]["steps"]] == [3, 3]
     assert body["sag"]["steps"][0]["groups"][0][0] == 3  # one group of three identical results
     health = _get(served["url"], "/scripted/healthz").json()
     assert health["sandboxes_open"] == 0  # the episode closed its sandbox and every fork
+
+
+def test_evaluate_against_the_endpoint(served, tmp_path):
+    """`evaluate.endpoint`: agent modes through /v1/solve, CoT through /v1/chat/completions (openai backend)."""
+    from raydistill.report import read_results
+    from raydistill.stages import evaluate
+
+    cfg = load_config(None, [
+        f"run_dir={tmp_path}", f"evaluate.endpoint={served['url']}", "evaluate.model_label=tiny-endpoint",
+        "evaluate.sets=[bamboogle_125, gsm_hard_500]", "evaluate.limit=1", "evaluate.modes=[agent, agent_sag, cot]",
+        "evaluate.cot_max_new_tokens=6", "retrieval.enabled=false", "agent.max_steps=1", "agent.max_new_tokens=4",
+        "agent.sag.n=2",
+    ])
+    summary = evaluate.run(cfg)
+    assert summary["runs"]["tiny-endpoint"]["ran"] == 6
+    assert summary["runs"]["tiny-endpoint"]["served_model"] == "qwen2-tiny"
+    rows = read_results(tmp_path / "eval" / "results")
+    assert sorted((r["mode"], r["benchmark"]) for r in rows) == sorted(
+        (m, b) for m in ("agent", "agent_sag", "cot") for b in ("bamboogle_125", "gsm_hard_500"))
+    for r in rows:
+        assert r["correct"] is not None and not (r["error"] or "").startswith("evaluation:"), r["error"]
+        if r["mode"] == "agent_sag":
+            assert json.loads(r["steps"][0]["sag"])["n"] == 2
+        if r["mode"] == "cot":
+            assert r["kind"] == "cot" and r["steps"][0]["completion_tokens"] <= 6
+    assert (tmp_path / "eval" / "report.html").exists()
+    assert evaluate.is_done(cfg)

@@ -34,7 +34,8 @@ def test_gradient_is_independent_of_how_the_batch_is_split(sft_rows, tmp_path):
     """Same batch as 1 packed row, as many small rows, or padded pairs: same loss and gradient norm."""
     _, rows = sft_rows
     seen = []
-    for i, kw in enumerate(({"max_tokens_per_batch": 4096}, {"max_tokens_per_batch": 400},
+    for i, kw in enumerate(({"max_tokens_per_batch": 4096, "gradient_checkpointing": True},
+                            {"max_tokens_per_batch": 400},
                             {"packing": False, "micro_batch_size": 3})):
         s = _settings(rows, tmp_path / str(i), max_steps=1, effective_batch_size=16, max_grad_norm=0.0, **kw)
         last = run(s, LocalRuntime(rows, tmp_path / str(i) / "ckpt"))

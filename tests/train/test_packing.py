@@ -71,14 +71,17 @@ def test_packed_row_logits_equal_unpacked(models, impl):
 
 
 def test_sdpa_varlen_isolates_from_position_ids_alone(models):
+    """The bounds can come as a list (the loop), as flash-style cu_seq_lens tensors, or from position ids alone."""
     samples = _samples([12, 7, 20], seed=2)
     mb = pack_row(samples)
     kw = {"input_ids": mb.input_ids, "position_ids": mb.position_ids, "use_cache": False}
     with torch.no_grad():
-        packed = models["sdpa_varlen"](**kw).logits[0]
         alone = torch.cat([models["sdpa_varlen"](input_ids=torch.from_numpy(s.input_ids)[None]).logits[0]
                            for s in samples])
-    assert torch.allclose(packed, alone, atol=1e-4)
+        for inputs in (kw, mb.model_inputs("cpu", flash=True)):
+            assert "packed_seq_bounds" not in inputs
+            packed = models["sdpa_varlen"](**inputs).logits[0]
+            assert torch.allclose(packed, alone, atol=1e-4)
 
 
 def test_packed_and_padded_loss_and_grads_equal_per_sample_sum(models):
@@ -130,3 +133,20 @@ def test_dummy_micro_batch_contributes_zero_loss_but_touches_every_parameter(mod
     assert loss.item() == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters() if p.requires_grad)
     model.zero_grad()
+
+
+def test_isolation_check_catches_an_attention_that_leaks_across_samples():
+    from transformers import AttentionInterface
+
+    from raydistill.train.attention import check_packed_isolation
+
+    def leaky(module, q, k, v, attention_mask, dropout=0.0, scaling=None, **kw):  # plain causal: ignores bounds
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("test_leaky", leaky)
+    with pytest.raises(RuntimeError, match="does not keep packed samples apart"):
+        check_packed_isolation("test_leaky")
+    assert check_packed_isolation("sdpa_varlen") < 1e-3
