@@ -160,9 +160,6 @@ class AsyncChannel:
             await self._waiter
         return self._queue.popleft()
 
-    def pending(self) -> int:
-        return len(self._queue)
-
     # -- sending ---------------------------------------------------------------------------------------
     async def send(self, obj: dict, fds: tuple[int, ...] | list[int] = ()) -> None:
         if fds:

@@ -329,9 +329,15 @@ class _Box:
             if outcome == "result":
                 res = self._result(payload, t0, calls, tool_s, notice)
                 self.steps += 1
+                if snap_host is None:  # snapshots off: nothing to wait for
+                    if res.error is not None and self.cfg.on_error == "rollback":
+                        self.needs_restore = True
+                    if self.family.ns:
+                        self.family.request_sweep()
+                    return res
                 handed_off = True  # _after_step ends x's fork mark and releases the lock
                 sh, snap_host = snap_host, None
-                self._bg = self.hub.loop.create_task(self._after_step(x, sh, res.error is not None))
+                self._bg = self.hub.loop.create_task(self._after_step(x, sh))
                 return res
             # hard failure: the process is killed and replaced
             if snap_host is not None:
@@ -482,18 +488,14 @@ class _Box:
             res = await _await_on(res, caller_loop)
         return res
 
-    async def _after_step(self, x: Proc, snap_host, had_error: bool) -> None:
+    async def _after_step(self, x: Proc, snap_host) -> None:
         """Wrap up a completed step while the caller already has its result. Holds the box lock only until
         the interpreter confirms it forked its snapshot (it cannot start the next step before that anyway);
         registering the snapshot and sweeping strays continue in the background."""
         fam = self.family
-        marked = snap_host is not None  # run() marked x as forking
+        marked = True  # run() marked x as forking
         adopting = False
         try:
-            if snap_host is None:  # snapshots off
-                if had_error and self.cfg.on_error == "rollback":
-                    self.needs_restore = True
-                return
             try:
                 ack = await x.next(self.cfg.start_timeout_s)
             except (ChannelClosed, ProtocolViolation, TimeoutError):
@@ -537,8 +539,8 @@ class _Box:
             proc = await Proc.accept(snap_host, self.hub.loop, role="snapshot", max_frame=fam.spec["host_max_frame"],
                                      timeout=self.cfg.start_timeout_s, min_ns_depth=2 if fam.ns else 1)
             fam.add(proc)
-            if self.closed:
-                self._drop(proc)
+            if self.closed or (self.snapshot is not None and self.snapshot.step > step):
+                self._drop(proc)  # closed meanwhile, or a later step's snapshot registered first
                 return
             self._set_snapshot(proc, step)
             self._snap_missing = False

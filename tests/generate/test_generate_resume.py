@@ -4,7 +4,6 @@ is in the output exactly once, and the work finished before the kill is not redo
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -49,36 +48,44 @@ def _start(cfg_path: Path, log: Path) -> subprocess.Popen:
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def _session_pids(session: str) -> list[int]:
-    pids = []
+def _descendants(root: int) -> set[int]:
+    """pids of every live process below `root` (Ray's gcs, raylet, workers, sandboxes: all started by this test)."""
+    children: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                if session in (d / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
 
 
-def _kill_group(proc: subprocess.Popen, log: Path) -> None:
-    """Everything the driver started (all started by this test): its process group (gcs, raylet) and the
-    Ray workers of its session (they run in process groups of their own), found by the session dir name."""
+def _alive(pid: int) -> bool:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    m = re.search(r"/(session_[0-9_\-]+)", log.read_text())
-    if not m:
-        return
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _kill_all(pids: set[int]) -> None:
+    """SIGKILL these pids until all are gone; a pid seen dead once is never signalled again (no reuse risk)."""
+    pending = set(pids)
     deadline = time.monotonic() + 30
-    while (pids := _session_pids(m.group(1))) and time.monotonic() < deadline:
-        for pid in pids:
+    while pending and time.monotonic() < deadline:
+        pending = {p for p in pending if _alive(p)}
+        for p in pending:
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        time.sleep(0.5)
+        time.sleep(0.3)
 
 
 def test_sigkill_driver_then_resume(tmp_path):
@@ -89,17 +96,19 @@ def test_sigkill_driver_then_resume(tmp_path):
     store = TrajectoryStore(tmp_path / "run/trajectories/agent")
 
     proc = _start(cfg_path, tmp_path / "run1.log")
+    tree: set[int] = set()
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None and len(store.shards()) < 4:
             time.sleep(0.2)
         assert proc.poll() is None, "run finished before it could be killed:\n" + (tmp_path / "run1.log").read_text()
         assert len(store.shards()) >= 4, "no progress:\n" + (tmp_path / "run1.log").read_text()
-        os.kill(proc.pid, signal.SIGKILL)
+        tree = _descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only; its Ray processes notice on their own ...
         proc.wait(30)
         time.sleep(1.0)
     finally:
-        _kill_group(proc, tmp_path / "run1.log")
+        _kill_all(tree | _descendants(proc.pid))  # ... and whatever is left is cleaned up here
     shards_at_kill = {p.name for p in TrajectoryStore(store.dir).shards()}
     done_at_kill = TrajectoryStore(store.dir).keys()
     assert 4 <= len(done_at_kill) < total, f"{len(done_at_kill)} of {total} done at the kill"
@@ -109,7 +118,7 @@ def test_sigkill_driver_then_resume(tmp_path):
     try:
         assert proc.wait(400) == 0, (tmp_path / "run2.log").read_text()
     finally:
-        _kill_group(proc, tmp_path / "run2.log")
+        _kill_all(_descendants(proc.pid) | {proc.pid})
     log2 = (tmp_path / "run2.log").read_text()
     assert f"agent: {total} episodes, {len(done_at_kill)} already done, {total - len(done_at_kill)} to run" in log2
 

@@ -117,14 +117,6 @@ def drop_bounding_set(keep: int = 0) -> None:
             break
 
 
-def effective_caps() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
-
-
 def set_rlimit(which: int, soft: int, hard: int | None = None) -> None:
     """Lower a limit (never raises one above the current hard limit, which needs privilege)."""
     _, cur_hard = resource.getrlimit(which)
