@@ -8,7 +8,10 @@ Measures, in one run (so ratios compare like with like):
   another (the reference), the same single-query requests sent concurrently (coalesced by the service into
   batches), and batched requests.
 
-    python benchmarks/retrieval.py [--queries 256] [--passages 1000] [--out results.json]
+    python benchmarks/retrieval.py [--queries 256] [--passages 1000] [--rounds 3] [--out results.json]
+
+Each path is timed in alternating rounds (baseline, then batched) and medians are reported, with CPU time per
+query beside wall time: on a shared machine the wall clock moves with everyone else's load.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import threading
 import time
 
@@ -36,20 +40,49 @@ def _rate(n: int, seconds: float) -> float:
     return round(n / seconds, 2) if seconds > 0 else float("inf")
 
 
-def bench_inprocess(retriever, queries: list[str], k: int, single_n: int) -> dict:
+class Clock:
+    """Wall and CPU time of a block; CPU time (this process, all threads) is what a shared, overloaded machine
+    distorts least, so both are reported."""
+
+    def __enter__(self):
+        self.w, self.c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
+
+
+def _summary(rounds: list[dict], n_single: int, n_batched: int, single_key: str, batched_key: str) -> dict:
+    """Medians over rounds; each round times the baseline and the batched path back to back."""
+    med = lambda xs: float(statistics.median(xs))  # noqa: E731
+    sw, sc = med([r[single_key][0] for r in rounds]), med([r[single_key][1] for r in rounds])
+    bw, bc = med([r[batched_key][0] for r in rounds]), med([r[batched_key][1] for r in rounds])
+    return {"one_at_a_time_qps": _rate(n_single, sw), "batched_qps": _rate(n_batched, bw),
+            "ratio": round((n_batched / bw) / (n_single / sw), 2),
+            "one_at_a_time_cpu_ms_per_query": round(1000 * sc / n_single, 2),
+            "batched_cpu_ms_per_query": round(1000 * bc / n_batched, 2),
+            "cpu_ratio": round((sc / n_single) / (bc / n_batched), 2)}
+
+
+def bench_inprocess(retriever, queries: list[str], k: int, single_n: int, rounds: int) -> dict:
     retriever.search(queries[:8], k)  # warm up
-    t = time.perf_counter()
-    for q in queries[:single_n]:
-        retriever.search([q], k)
-    single = _rate(single_n, time.perf_counter() - t)
-    t = time.perf_counter()
-    retriever.search(queries, k)
-    batched = _rate(len(queries), time.perf_counter() - t)
-    return {"one_at_a_time_qps": single, "batched_qps": batched, "ratio": round(batched / single, 2),
-            "single_queries": single_n, "batch": len(queries)}
+    out = []
+    for _ in range(rounds):
+        r = {}
+        with Clock() as c:
+            for q in queries[:single_n]:
+                retriever.search([q], k)
+        r["single"] = (c.wall, c.cpu)
+        with Clock() as c:
+            retriever.search(queries, k)
+        r["batched"] = (c.wall, c.cpu)
+        out.append(r)
+    res = _summary(out, single_n, len(queries), "single", "batched")
+    res.update(single_queries=single_n, batch=len(queries), rounds=rounds)
+    return res
 
 
-def bench_http(retriever, queries: list[str], k: int, single_n: int, concurrency: int) -> dict:
+def bench_http(retriever, queries: list[str], k: int, single_n: int, concurrency: int, rounds: int) -> dict:
     import httpx
     import uvicorn
 
@@ -64,44 +97,47 @@ def bench_http(retriever, queries: list[str], k: int, single_n: int, concurrency
     while not server.started:
         time.sleep(0.05)
     url = f"http://127.0.0.1:{port}/retrieve"
-    out: dict = {}
+
+    async def concurrent() -> None:
+        sem = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(timeout=300) as ac:
+            async def one(q):
+                async with sem:
+                    r = await ac.post(url, json={"queries": [q], "topk": k, "return_scores": True})
+                    r.raise_for_status()
+
+            await asyncio.gather(*(one(q) for q in queries))
+
+    out = []
     try:
         with httpx.Client(timeout=300) as c:
             c.post(url, json={"queries": queries[:8], "topk": k})
-            t = time.perf_counter()
-            for q in queries[:single_n]:
-                c.post(url, json={"queries": [q], "topk": k, "return_scores": True}).raise_for_status()
-            out["one_at_a_time_qps"] = _rate(single_n, time.perf_counter() - t)
-            t = time.perf_counter()
-            for i in range(0, len(queries), 64):
-                c.post(url, json={"queries": queries[i:i + 64], "topk": k, "return_scores": True}).raise_for_status()
-            out["batched_requests_qps"] = _rate(len(queries), time.perf_counter() - t)
-
-        async def concurrent() -> float:
-            sem = asyncio.Semaphore(concurrency)
-            async with httpx.AsyncClient(timeout=300) as ac:
-                async def one(q):
-                    async with sem:
-                        r = await ac.post(url, json={"queries": [q], "topk": k, "return_scores": True})
-                        r.raise_for_status()
-
-                t0 = time.perf_counter()
-                await asyncio.gather(*(one(q) for q in queries))
-                return time.perf_counter() - t0
-
-        before = dict(svc._stats)
-        out["concurrent_single_qps"] = _rate(len(queries), asyncio.run(concurrent()))
-        batches = svc._stats["batches"] - before["batches"]
-        out["concurrent_batches"] = batches
-        out["concurrent_clients"] = concurrency
+            for _ in range(rounds):
+                r = {}
+                with Clock() as t:  # the reference: one request per query, one after another
+                    for q in queries[:single_n]:
+                        c.post(url, json={"queries": [q], "topk": k, "return_scores": True}).raise_for_status()
+                r["single"] = (t.wall, t.cpu)
+                with Clock() as t:
+                    for i in range(0, len(queries), 64):
+                        c.post(url, json={"queries": queries[i:i + 64], "topk": k,
+                                          "return_scores": True}).raise_for_status()
+                r["batched"] = (t.wall, t.cpu)
+                before = svc._stats["batches"]
+                with Clock() as t:
+                    asyncio.run(concurrent())
+                r["concurrent"] = (t.wall, t.cpu)
+                r["concurrent_batches"] = svc._stats["batches"] - before
+                out.append(r)
     finally:
         server.should_exit = True
         th.join(10)
-    base = out["one_at_a_time_qps"]
-    out["ratio_batched_requests"] = round(out["batched_requests_qps"] / base, 2)
-    out["ratio_concurrent_single"] = round(out["concurrent_single_qps"] / base, 2)
-    out["single_queries"] = single_n
-    return out
+    res = {"batched_requests_of_64": _summary(out, single_n, len(queries), "single", "batched"),
+           "concurrent_single_query_clients": _summary(out, single_n, len(queries), "single", "concurrent")}
+    res["concurrent_single_query_clients"].update(
+        clients=concurrency, service_batches=int(statistics.median(r["concurrent_batches"] for r in out)))
+    res.update(single_queries=single_n, queries=len(queries), rounds=rounds)
+    return res
 
 
 def main() -> None:
@@ -113,10 +149,16 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=64, help="queries timed one at a time")
     ap.add_argument("--concurrency", type=int, default=32, help="concurrent HTTP clients")
     ap.add_argument("-k", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating baseline/batched rounds (medians)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: stable on a shared, oversubscribed box; 0 = torch default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from raydistill.retrieval import Retriever, build_index, create_embedder, read_corpus
     from raydistill.retrieval.corpus import Corpus, resolve_corpus
@@ -126,35 +168,39 @@ def main() -> None:
     corpus = Corpus.from_rows(list(zip(ids, texts, strict=True)))
     emb = create_embedder(args.embedder, batch_size=64)
     emb.encode(texts[:16], "passage")
-    t = time.perf_counter()
-    vecs = emb.encode(texts, "passage")
-    embed_s = time.perf_counter() - t
+    with Clock() as c:
+        vecs = emb.encode(texts, "passage")
+    embed = {"passages": len(texts), "passages_per_s": _rate(len(texts), c.wall),
+             "cpu_ms_per_passage": round(1000 * c.cpu / len(texts), 1)}
     index = build_index(vecs, "flat")
     retriever = Retriever(emb, index, corpus, batch_size=256)
     titles = sorted({corpus.title(i) for i in range(len(corpus))})
     queries = [f"Who is {titles[i % len(titles)]}?" for i in range(args.queries)]
     single_n = min(args.single, len(queries))
 
+    load0 = os.getloadavg()[0]
     result = {
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "load_avg_1m": os.getloadavg()[0]},
+                    "platform": platform.platform(), "load_avg_1m_before": load0},
         "embedder": args.embedder,
-        "passages": len(texts),
-        "embed_passages_per_s": _rate(len(texts), embed_s),
-        "inprocess": bench_inprocess(retriever, queries, args.k, single_n),
-        "http": bench_http(retriever, queries, args.k, single_n, args.concurrency),
-        "load_avg_1m_after": os.getloadavg()[0],
+        "embedding": embed,
+        "inprocess": bench_inprocess(retriever, queries, args.k, single_n, args.rounds),
+        "http": bench_http(retriever, queries, args.k, single_n, args.concurrency, args.rounds),
     }
+    result["machine"]["load_avg_1m_after"] = os.getloadavg()[0]
     print(json.dumps(result, indent=2))
-    ip, hp = result["inprocess"], result["http"]
-    print("\n| path | one at a time q/s | batched q/s | ratio |\n|---|---|---|---|")
-    print(f"| in-process (embed + search) | {ip['one_at_a_time_qps']} | {ip['batched_qps']} | {ip['ratio']}x |")
-    print(f"| HTTP, batched requests of 64 | {hp['one_at_a_time_qps']} | {hp['batched_requests_qps']} | "
-          f"{hp['ratio_batched_requests']}x |")
-    print(f"| HTTP, {hp['concurrent_clients']} concurrent single-query clients (coalesced into "
-          f"{hp['concurrent_batches']} batches) | {hp['one_at_a_time_qps']} | {hp['concurrent_single_qps']} | "
-          f"{hp['ratio_concurrent_single']}x |")
-    print(f"\npassages embedded: {result['embed_passages_per_s']}/s ({len(texts)} passages)")
+    ip = result["inprocess"]
+    hb, hc = result["http"]["batched_requests_of_64"], result["http"]["concurrent_single_query_clients"]
+    print("\n| path | one at a time q/s | batched q/s | ratio (wall) | CPU ms/query: one / batched | ratio (CPU) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in (("in-process: query embedding + flat search", ip),
+                    ("HTTP /retrieve, requests of 64 queries", hb),
+                    (f"HTTP /retrieve, {hc['clients']} concurrent 1-query clients "
+                     f"(coalesced into {hc['service_batches']} batches)", hc)):
+        print(f"| {name} | {r['one_at_a_time_qps']} | {r['batched_qps']} | {r['ratio']}x | "
+              f"{r['one_at_a_time_cpu_ms_per_query']} / {r['batched_cpu_ms_per_query']} | {r['cpu_ratio']}x |")
+    print(f"\npassages embedded: {embed['passages_per_s']}/s, {embed['cpu_ms_per_passage']} CPU ms/passage "
+          f"({len(texts)} passages); load average {load0:.1f} -> {result['machine']['load_avg_1m_after']:.1f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

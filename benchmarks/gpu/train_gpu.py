@@ -166,7 +166,7 @@ def plain_loop(model_dir: str, rows: list[dict], a: dict, queue) -> None:
             loss_total = 0.0
             for mb in pack(batch, a["max_tokens"]):
                 with autocast:
-                    loss = loss_sum(model, mb, device)
+                    loss = loss_sum(model, mb, device, attn.startswith("flash"))
                 (loss / n_targets).backward()
                 loss_total += loss.item()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -3,7 +3,8 @@
 - `RetrieverService`: plain async class (usable without Ray too). Every `search()` call joins a queue; one
   drain loop takes everything pending (up to `max_batch_size` queries), embeds and searches it as ONE batch in
   a worker thread, and hands each caller its slice. Hundreds of episodes calling `web_search` one query at a
-  time thus cost a few batched searches, not hundreds of single ones (the reference's pattern).
+  time thus cost a few batched searches, not hundreds of single ones (the reference's pattern). Identical
+  queries in a batch are searched once, and repeated ones are answered from an LRU cache.
 - `RetrieverActor`: the Ray actor class (`start_retriever(cfg)` starts one sized from `cfg.retrieval`).
 - `make_web_search_tool(handle)`: the `web_search(query) -> str` callable the sandbox runs in the host.
 - `create_http_app(search)`: FastAPI app with `POST /retrieve`, request/response as the Search-R1 retriever
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ class RetrieverService:
     def __init__(self, index_dir: str | None = None, *, retriever: Retriever | None = None, top_k: int = 3,
                  max_batch_size: int = 256, batch_wait_ms: float = 2.0, device: str | None = None,
                  index_device: str = "auto", fp16: bool = True, nprobe: int | None = None,
-                 ef_search: int | None = None, refine_factor: int = 0):
+                 ef_search: int | None = None, refine_factor: int = 0, cache_size: int = 4096):
         if retriever is None:
             if index_dir is None:
                 raise ValueError("RetrieverService needs index_dir or retriever")
@@ -50,7 +52,10 @@ class RetrieverService:
         self._pending: list[tuple[list[str], int, asyncio.Future]] = []
         self._pending_queries = 0
         self._drainer: asyncio.Task | None = None
-        self._stats = {"calls": 0, "queries": 0, "batches": 0, "largest_batch": 0, "search_s": 0.0}
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, list[Hit]] = OrderedDict()  # query -> hits (for the largest k seen)
+        self._stats = {"calls": 0, "queries": 0, "batches": 0, "largest_batch": 0, "searched": 0,
+                       "cache_hits": 0, "search_s": 0.0}
 
     async def ready(self) -> dict:
         return {"count": len(self.retriever.passages), "dim": self.retriever.index.dim,
@@ -98,25 +103,46 @@ class RetrieverService:
                 take.append(item)
                 n += len(item[0])
             self._pending_queries -= n
-            queries = [q for item in take for q in item[0]]
             kmax = max(item[1] for item in take)
+            # Identical queries (sag candidates often search the same words) are searched once; answers for
+            # queries seen before come from an LRU cache (the index does not change under a running service).
+            known = {q: hits for item in take for q in item[0]
+                     if (hits := self._cache.get(q)) is not None and len(hits) >= min(kmax, self._ntotal)}
+            todo = list(dict.fromkeys(q for item in take for q in item[0] if q not in known))
             t0 = time.perf_counter()
             try:
-                results = await asyncio.to_thread(self.retriever.search, queries, kmax)
+                found = await asyncio.to_thread(self.retriever.search, todo, kmax) if todo else []
             except Exception as e:  # noqa: BLE001 - delivered to every caller of this batch
                 for *_, fut in take:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
+            answers = {**known, **dict(zip(todo, found, strict=True))}
+            for q in todo:
+                self._remember(q, answers[q])
+            for q in known:
+                self._cache.move_to_end(q)
             self._stats["search_s"] += time.perf_counter() - t0
             self._stats["batches"] += 1
             self._stats["queries"] += n
+            self._stats["searched"] += len(todo)
+            self._stats["cache_hits"] += sum(q in known for item in take for q in item[0])
             self._stats["largest_batch"] = max(self._stats["largest_batch"], n)
-            pos = 0
             for qs, k, fut in take:
                 if not fut.done():
-                    fut.set_result([hits[:k] for hits in results[pos:pos + len(qs)]])
-                pos += len(qs)
+                    fut.set_result([answers[q][:k] for q in qs])
+
+    @property
+    def _ntotal(self) -> int:
+        return self.retriever.index.ntotal
+
+    def _remember(self, query: str, hits: list[Hit]) -> None:
+        if self.cache_size <= 0:
+            return
+        self._cache[query] = hits
+        self._cache.move_to_end(query)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
 
 
 RetrieverActor = ray.remote(RetrieverService)
@@ -150,6 +176,7 @@ def start_retriever(cfg, index_dir: str | Path | None = None, *, name: str | Non
     handle = RetrieverActor.options(**opts).remote(
         str(index_dir), top_k=r.top_k, max_batch_size=r.max_batch_size, batch_wait_ms=r.batch_wait_ms,
         fp16=r.fp16, nprobe=r.nprobe, ef_search=r.hnsw_ef_search, refine_factor=r.refine_factor,
+        cache_size=r.cache_size,
         index_device=r.index_device if r.server_num_gpus > 0 else "cpu")
     info = ray.get(handle.ready.remote())
     log.info("retriever ready: %s", info)

@@ -51,6 +51,8 @@ class RetrievalConfig(Section):
     """Most queries one coalesced search batch holds."""
     batch_wait_ms: float = Field(2.0, ge=0)
     """How long the service waits for more concurrent queries before searching a partial batch."""
+    cache_size: int = Field(4096, ge=0)
+    """Queries whose hits the service keeps (LRU; 0 = off): repeated searches are answered without embedding."""
     server_num_cpus: float = Field(0.5, ge=0)
     server_num_gpus: float = Field(0, ge=0)
     """The retriever actor's resources; with a GPU it embeds queries there and searches a GPU index."""

@@ -9,6 +9,7 @@ from pydantic import Field, ValidationError
 from raydistill.config.agent import AgentConfig
 from raydistill.config.base import Section
 from raydistill.config.data import DataConfig
+from raydistill.config.distill import DistillConfig
 from raydistill.config.engine import EngineConfig
 from raydistill.config.evaluate import EvaluateConfig
 from raydistill.config.generate import GenerateConfig
@@ -36,6 +37,7 @@ class RootConfig(Section):
     train: TrainConfig = TrainConfig()
     serve: ServeConfig = ServeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    distill: DistillConfig = DistillConfig()
 
     @property
     def run_path(self) -> Path:

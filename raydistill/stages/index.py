@@ -164,15 +164,15 @@ def embed_missing(cfg: RootConfig, corpus: Path, emb_dir: Path, missing: list[Sh
     """Run the Ray Data job over `missing` shards, writing each as it completes. Returns the embedding dim."""
     import ray
     import ray.data
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     r = cfg.retrieval
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    # Pin the reads to this node (the corpus is a local file), as Ray Data does for its own local:// reads.
+    here = {ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()}
     ds = ray.data.from_items([s.to_dict() for s in missing], override_num_blocks=len(missing))
     ds = ds.map_batches(_read_chunks, fn_kwargs={"corpus": str(corpus), "chunk": r.batch_size}, batch_size=1,
-                        num_cpus=0.1, ray_remote_args_fn=lambda: {"scheduling_strategy": here})
+                        num_cpus=0.1, label_selector=here)
     ds = ds.map_batches(EmbedChunks, fn_constructor_kwargs={"spec": r.embedder, "max_length": r.max_length,
                                                              "fp16": r.fp16, "batch_size": r.batch_size},
                         batch_size=1, compute=ray.data.ActorPoolStrategy(size=r.num_actors),

@@ -365,6 +365,9 @@ def run(cfg: RootConfig) -> dict[str, Any]:
     from raydistill.stages.ray_init import init_ray
 
     todo = [k for k in cfg.train.kinds if not _kind_done(cfg, train_paths(cfg, k))]
+    for k in todo:  # data, tokenizer and config errors surface before Ray starts
+        _prepare(cfg, train_paths(cfg, k))
+        _check_config(cfg)
     if todo:
         init_ray(cfg.ray)
     kinds = {k: train_kind(cfg, k) for k in cfg.train.kinds}

@@ -229,6 +229,7 @@ class _Engine:
         self.flash = self.attn.startswith("flash")  # its varlen kernel takes cu_seq_lens on the device
         self.peft_model = peft_model
         self.trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        self.vocab_size = int(peft_model.get_input_embeddings().weight.shape[0])
         warmup = math.ceil(s.warmup_ratio * plan.total_steps)
         self.ds = s.strategy in ("zero2", "zero3")
         on_gpu = self.device.type == "cuda"
@@ -373,11 +374,14 @@ class _Progress:
             self.bar.close()
 
 
-def _batches(rt: Runtime, epoch: int, skip: int, size: int) -> Iterator[list[Sample]]:
+def _batches(rt: Runtime, epoch: int, skip: int, size: int, vocab_size: int) -> Iterator[list[Sample]]:
+    from raydistill.train.data import validate_row
+
     batch: list[Sample] = []
     for i, row in enumerate(rt.iter_rows(epoch)):
         if i < skip:
             continue
+        validate_row(row, vocab_size)  # a bad row fails here, naming it, not as an embedding index error
         batch.append(Sample.from_row(row))
         if len(batch) == size:
             yield batch
@@ -424,7 +428,7 @@ def run(settings: LoopSettings | dict, rt: Runtime) -> dict:
     dummy = dummy_micro_batch(s.pad_id)
     saved = step
     while step < plan.run_steps:
-        batches = _batches(rt, epoch, rows_done // rt.world_size, plan.per_worker_batch)
+        batches = _batches(rt, epoch, rows_done // rt.world_size, plan.per_worker_batch, eng.vocab_size)
         while step < plan.run_steps:
             t0 = time.perf_counter()
             local = next(batches, [])

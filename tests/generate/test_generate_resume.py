@@ -48,6 +48,12 @@ def _start(cfg_path: Path, log: Path) -> subprocess.Popen:
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+def _ray_start_timeout(log: Path) -> bool:
+    """Ray's fixed 30 s node-start limit can run out on this shared 2-core box; the run then did nothing and
+    is simply started again (which is what resuming means anyway)."""
+    return "timed out during startup" in log.read_text()
+
+
 def _descendants(root: int) -> set[int]:
     """pids of every live process below `root` (Ray's gcs, raylet, workers, sandboxes: all started by this test)."""
     children: dict[int, list[int]] = {}
@@ -95,12 +101,15 @@ def test_sigkill_driver_then_resume(tmp_path):
     assert total == 24
     store = TrajectoryStore(tmp_path / "run/trajectories/agent")
 
-    proc = _start(cfg_path, tmp_path / "run1.log")
-    tree: set[int] = set()
-    try:
+    for _attempt in range(3):
+        proc = _start(cfg_path, tmp_path / "run1.log")
+        tree: set[int] = set()
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None and len(store.shards()) < 4:
             time.sleep(0.2)
+        if proc.poll() is None or not _ray_start_timeout(tmp_path / "run1.log"):
+            break
+    try:
         assert proc.poll() is None, "run finished before it could be killed:\n" + (tmp_path / "run1.log").read_text()
         assert len(store.shards()) >= 4, "no progress:\n" + (tmp_path / "run1.log").read_text()
         tree = _descendants(proc.pid)
@@ -108,17 +117,21 @@ def test_sigkill_driver_then_resume(tmp_path):
         proc.wait(30)
         time.sleep(1.0)
     finally:
-        _kill_all(tree | _descendants(proc.pid))  # ... and whatever is left is cleaned up here
+        _kill_all(tree | _descendants(proc.pid) | {proc.pid})  # ... whatever is left is cleaned up here
     shards_at_kill = {p.name for p in TrajectoryStore(store.dir).shards()}
     done_at_kill = TrajectoryStore(store.dir).keys()
     assert 4 <= len(done_at_kill) < total, f"{len(done_at_kill)} of {total} done at the kill"
     assert not (tmp_path / "run/sft/agent/meta.json").exists()
 
-    proc = _start(cfg_path, tmp_path / "run2.log")
-    try:
-        assert proc.wait(400) == 0, (tmp_path / "run2.log").read_text()
-    finally:
-        _kill_all(_descendants(proc.pid) | {proc.pid})
+    for _attempt in range(3):
+        proc = _start(cfg_path, tmp_path / "run2.log")
+        try:
+            rc = proc.wait(400)
+        finally:
+            _kill_all(_descendants(proc.pid) | {proc.pid})
+        if rc == 0 or not _ray_start_timeout(tmp_path / "run2.log"):
+            break
+    assert rc == 0, (tmp_path / "run2.log").read_text()
     log2 = (tmp_path / "run2.log").read_text()
     assert f"agent: {total} episodes, {len(done_at_kill)} already done, {total - len(done_at_kill)} to run" in log2
 

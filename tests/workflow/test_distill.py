@@ -102,6 +102,8 @@ def test_cot_branch_switch(tmp_path):
 
 
 def test_distill_config_orders_and_rejects(tmp_path):
+    cfg = _cfg(tmp_path, "distill.cot_branch=false", "distill.stages=[train,generate]")
+    assert distill.distill_section(cfg) == DistillConfig(cot_branch=False, stages=["generate", "train"])
     assert DistillConfig(stages=["train", "generate"]).stages == ["generate", "train"]
     with pytest.raises(ValueError, match="listed twice"):
         DistillConfig(stages=["train", "train"])
