@@ -88,7 +88,8 @@ def bench_http(retriever, queries: list[str], k: int, single_n: int, concurrency
 
     from raydistill.actors.retriever import RetrieverService, create_http_app
 
-    svc = RetrieverService(retriever=retriever, top_k=k, max_batch_size=256, batch_wait_ms=2.0)
+    # cache off: every round repeats the same queries, and a cache hit would not measure search
+    svc = RetrieverService(retriever=retriever, top_k=k, max_batch_size=256, batch_wait_ms=2.0, cache_size=0)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_http_app(svc.search, k), host="127.0.0.1", port=port,
                                            log_level="warning"))
@@ -145,13 +146,15 @@ def main() -> None:
     ap.add_argument("--corpus", default="bundled:wiki18_sample_1000")
     ap.add_argument("--embedder", default="minilm")
     ap.add_argument("--passages", type=int, default=1000, help="passages to embed and index")
-    ap.add_argument("--queries", type=int, default=256)
+    ap.add_argument("--queries", type=int, default=256, help="distinct queries (at most 944 on the sample)")
     ap.add_argument("--single", type=int, default=64, help="queries timed one at a time")
     ap.add_argument("--concurrency", type=int, default=32, help="concurrent HTTP clients")
     ap.add_argument("-k", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3, help="alternating baseline/batched rounds (medians)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: stable on a shared, oversubscribed box; 0 = torch default)")
+    ap.add_argument("--dtypes", default="float32,bfloat16",
+                    help="CPU embedding precisions to measure (bfloat16 = retrieval.cpu_bf16)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -164,43 +167,48 @@ def main() -> None:
     from raydistill.retrieval.corpus import Corpus, resolve_corpus
 
     corpus = read_corpus(resolve_corpus(args.corpus))
+    titles = sorted({corpus.title(i) for i in range(len(corpus))})
+    questions = [f"Who is {t}?" for t in titles] + [f"What is known about {t}?" for t in titles]
     ids, texts = corpus.rows(0, min(args.passages, len(corpus)))
     corpus = Corpus.from_rows(list(zip(ids, texts, strict=True)))
-    emb = create_embedder(args.embedder, batch_size=64)
-    emb.encode(texts[:16], "passage")
-    with Clock() as c:
-        vecs = emb.encode(texts, "passage")
-    embed = {"passages": len(texts), "passages_per_s": _rate(len(texts), c.wall),
-             "cpu_ms_per_passage": round(1000 * c.cpu / len(texts), 1)}
-    index = build_index(vecs, "flat")
-    retriever = Retriever(emb, index, corpus, batch_size=256)
-    titles = sorted({corpus.title(i) for i in range(len(corpus))})
-    queries = [f"Who is {titles[i % len(titles)]}?" for i in range(args.queries)]
+    queries = questions[:args.queries]  # distinct queries: the service's dedup/cache must not flatter batching
     single_n = min(args.single, len(queries))
 
     load0 = os.getloadavg()[0]
-    result = {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "load_avg_1m_before": load0},
-        "embedder": args.embedder,
-        "embedding": embed,
-        "inprocess": bench_inprocess(retriever, queries, args.k, single_n, args.rounds),
-        "http": bench_http(retriever, queries, args.k, single_n, args.concurrency, args.rounds),
-    }
+    result: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                                "platform": platform.platform(), "load_avg_1m_before": load0},
+                    "embedder": args.embedder, "passages": len(texts), "queries": len(queries), "runs": {}}
+    for dtype in args.dtypes.split(","):
+        emb = create_embedder(args.embedder, batch_size=64, cpu_bf16=(dtype == "bfloat16"))
+        emb.encode(texts[:16], "passage")
+        with Clock() as c:
+            vecs = emb.encode(texts, "passage")
+        run = {"embedding": {"passages_per_s": _rate(len(texts), c.wall),
+                             "cpu_ms_per_passage": round(1000 * c.cpu / len(texts), 1)}}
+        retriever = Retriever(emb, build_index(vecs, "flat"), corpus, batch_size=256)
+        run["inprocess"] = bench_inprocess(retriever, queries, args.k, single_n, args.rounds)
+        run["http"] = bench_http(retriever, queries, args.k, single_n, args.concurrency, args.rounds)
+        result["runs"][dtype] = run
+        print(f"{dtype} done", flush=True)
     result["machine"]["load_avg_1m_after"] = os.getloadavg()[0]
     print(json.dumps(result, indent=2))
-    ip = result["inprocess"]
-    hb, hc = result["http"]["batched_requests_of_64"], result["http"]["concurrent_single_query_clients"]
-    print("\n| path | one at a time q/s | batched q/s | ratio (wall) | CPU ms/query: one / batched | ratio (CPU) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, r in (("in-process: query embedding + flat search", ip),
-                    ("HTTP /retrieve, requests of 64 queries", hb),
-                    (f"HTTP /retrieve, {hc['clients']} concurrent 1-query clients "
-                     f"(coalesced into {hc['service_batches']} batches)", hc)):
-        print(f"| {name} | {r['one_at_a_time_qps']} | {r['batched_qps']} | {r['ratio']}x | "
-              f"{r['one_at_a_time_cpu_ms_per_query']} / {r['batched_cpu_ms_per_query']} | {r['cpu_ratio']}x |")
-    print(f"\npassages embedded: {embed['passages_per_s']}/s, {embed['cpu_ms_per_passage']} CPU ms/passage "
-          f"({len(texts)} passages); load average {load0:.1f} -> {result['machine']['load_avg_1m_after']:.1f}")
+    print("\n| embeddings | path | one at a time q/s | batched q/s | ratio (wall) | CPU ms/query: one / batched "
+          "| ratio (CPU) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for dtype, run in result["runs"].items():
+        ip = run["inprocess"]
+        hb, hc = run["http"]["batched_requests_of_64"], run["http"]["concurrent_single_query_clients"]
+        for name, r in (("in-process: query embedding + flat search, one call of 256", ip),
+                        ("HTTP /retrieve, requests of 64 queries", hb),
+                        (f"HTTP /retrieve, {hc['clients']} concurrent 1-query clients "
+                         f"(coalesced into {hc['service_batches']} batches)", hc)):
+            print(f"| {dtype} | {name} | {r['one_at_a_time_qps']} | {r['batched_qps']} | {r['ratio']}x | "
+                  f"{r['one_at_a_time_cpu_ms_per_query']} / {r['batched_cpu_ms_per_query']} | {r['cpu_ratio']}x |")
+    for dtype, run in result["runs"].items():
+        e = run["embedding"]
+        print(f"passages embedded ({dtype}): {e['passages_per_s']}/s, {e['cpu_ms_per_passage']} CPU ms/passage")
+    print(f"({len(texts)} passages, {len(queries)} distinct queries, {single_n} timed one at a time, "
+          f"{args.rounds} rounds; load average {load0:.1f} -> {result['machine']['load_avg_1m_after']:.1f})")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

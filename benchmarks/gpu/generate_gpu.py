@@ -78,12 +78,14 @@ class BenchTeacher(TeacherWorker):
                                  gen_tokens=self.bench_gen_tokens)
 
     async def _run_baselines(self) -> None:
-        from benchmarks.episodes import Shape, run_bare, warm_up
+        from benchmarks.episodes import Shape, run_bare
+        from raydistill.engines import ChatRequest, SamplingParams
 
         b = self.baselines
         inner = self.engine.inner
         shape = Shape(**b["shape"])
-        await warm_up(inner, n=8, tokens=8)
+        warm = SamplingParams(max_tokens=8, ignore_eos=True)  # first requests (graphs, allocator) untimed
+        await asyncio.gather(*(inner.generate(ChatRequest(prompt_token_ids=[100 + i] * 64), warm) for i in range(8)))
         runs = []
         for name, n, conc in (("bare", b["episodes"], b["concurrency"]), ("paper", b["paper_episodes"], 4)):
             await inner.reset_prefix_cache()

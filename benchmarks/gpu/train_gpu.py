@@ -164,7 +164,7 @@ def plain_loop(model_dir: str, rows: list[dict], a: dict, queue) -> None:
             batch = [Sample.from_row(r) for r in rows[(step - 1) * a["batch"]: step * a["batch"]]]
             n_targets = sum(s.num_targets for s in batch)
             loss_total = 0.0
-            for mb in pack(batch, a["max_tokens"]):
+            for mb in pack(batch, a["max_tokens"], a["pad"], 0):
                 with autocast:
                     loss = loss_sum(model, mb, device, attn.startswith("flash"))
                 (loss / n_targets).backward()
@@ -209,7 +209,8 @@ def run_ray(name: str, model_dir: str, files: list[str], n_rows: int, strategy: 
     s = LoopSettings(model=model_dir, dataset_rows=n_rows, strategy=strategy, use_gpu=a["gpu"], bf16=True,
                      attn_implementation="auto", gradient_checkpointing=True, lora_r=a["r"], lora_alpha=2 * a["r"],
                      lora_dropout=0.05, lr=2e-4, epochs=1, effective_batch_size=a["batch"],
-                     max_tokens_per_batch=a["max_tokens"], max_steps=a["steps"], checkpoint_every_steps=10**6,
+                     max_tokens_per_batch=a["max_tokens"], pad_to_multiple_of=a["pad"], max_steps=a["steps"],
+                     checkpoint_every_steps=10**6,
                      seed=0, shuffle_buffer=0, progress=False, live_metrics_path=str(root / name / METRICS_FILE))
     trainer = make_trainer(s, files, num_workers=workers, use_gpu=a["gpu"], cpus_per_worker=a["cpus_per_worker"],
                            gpus_per_worker=1, storage_path=str(root / "ckpt"), run_name=f"{name}-{time.time_ns()}",
@@ -228,6 +229,7 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--measure", type=int, default=5)
+    ap.add_argument("--pad", type=int, default=64, help="pad packed rows to a multiple of this (stage default 64)")
     ap.add_argument("--workdir", default="/tmp/raydistill-train-bench")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -243,7 +245,7 @@ def main() -> int:
     shape = TINY if args.tiny else QWEN15B
     steps = args.warmup + args.measure
     a = {"gpu": gpu, "r": 8 if args.tiny else 64, "batch": 8, "max_tokens": 1024 if args.tiny else 16384,
-         "steps": steps, "cpus_per_worker": 0.5 if args.tiny else 4}
+         "steps": steps, "cpus_per_worker": 0.5 if args.tiny else 4, "pad": args.pad}
     root = Path(args.workdir)
     shutil.rmtree(root / "ckpt", ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)

@@ -37,13 +37,13 @@ class RetrieverService:
 
     def __init__(self, index_dir: str | None = None, *, retriever: Retriever | None = None, top_k: int = 3,
                  max_batch_size: int = 256, batch_wait_ms: float = 2.0, device: str | None = None,
-                 index_device: str = "auto", fp16: bool = True, nprobe: int | None = None,
+                 index_device: str = "auto", fp16: bool = True, cpu_bf16: bool = False, nprobe: int | None = None,
                  ef_search: int | None = None, refine_factor: int = 0, cache_size: int = 4096):
         if retriever is None:
             if index_dir is None:
                 raise ValueError("RetrieverService needs index_dir or retriever")
             retriever = Retriever.from_index_dir(index_dir, device=device, index_device=index_device, fp16=fp16,
-                                                 nprobe=nprobe, ef_search=ef_search, refine_factor=refine_factor,
+                                                 cpu_bf16=cpu_bf16, nprobe=nprobe, ef_search=ef_search, refine_factor=refine_factor,
                                                  batch_size=max_batch_size)
         self.retriever = retriever
         self.top_k = top_k
@@ -175,7 +175,8 @@ def start_retriever(cfg, index_dir: str | Path | None = None, *, name: str | Non
         opts["name"] = name
     handle = RetrieverActor.options(**opts).remote(
         str(index_dir), top_k=r.top_k, max_batch_size=r.max_batch_size, batch_wait_ms=r.batch_wait_ms,
-        fp16=r.fp16, nprobe=r.nprobe, ef_search=r.hnsw_ef_search, refine_factor=r.refine_factor,
+        fp16=r.fp16, cpu_bf16=r.cpu_bf16, nprobe=r.nprobe, ef_search=r.hnsw_ef_search,
+        refine_factor=r.refine_factor,
         cache_size=r.cache_size,
         index_device=r.index_device if r.server_num_gpus > 0 else "cpu")
     info = ray.get(handle.ready.remote())

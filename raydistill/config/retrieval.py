@@ -31,6 +31,9 @@ class RetrievalConfig(Section):
     """Per embedding actor; with GPUs, set num_gpus (e.g. 1) and num_actors to the GPU count."""
     fp16: bool = True
     """Half precision embeddings on GPU (ignored on CPU)."""
+    cpu_bf16: bool = False
+    """bfloat16 embeddings on CPU (CPUs with AMX / AVX512-BF16): ~2x batched throughput; on the bundled sample
+    the top-1 of every title query is unchanged. Off by default (fp32 = the reference's numerics)."""
     max_length: int = Field(256, ge=8)
     """Token limit per passage/query (wiki-18 passages are 100 words, ~150 tokens)."""
     ivf_nlist: int = Field(1024, ge=1)

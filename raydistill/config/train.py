@@ -41,6 +41,9 @@ class TrainConfig(Section):
     off: length-sorted micro-batches of micro_batch_size samples, padded."""
     max_tokens_per_batch: int = Field(16_384, ge=64)
     """Packed row length per micro-batch (per worker); must be >= the longest SFT sample."""
+    pad_to_multiple_of: int = Field(64, ge=1)
+    """Packed rows are padded (a separate, loss-free pad segment) up to a multiple of this many tokens, so GPU
+    kernels see aligned shapes; costs < this many tokens per row."""
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa_varlen", "sdpa", "flex_attention", "eager"] = "auto"
     """auto: flash_attention_2 (varlen) on GPU when flash_attn is installed, else sdpa_varlen (one SDPA call per
     packed sample), or sdpa without packing."""

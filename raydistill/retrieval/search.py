@@ -78,7 +78,8 @@ class Retriever:
 
     @classmethod
     def from_index_dir(cls, index_dir: str | Path, *, embedder: Embedder | None = None, device: str | None = None,
-                       index_device: str = "cpu", fp16: bool = True, nprobe: int | None = None,
+                       index_device: str = "cpu", fp16: bool = True, cpu_bf16: bool = False,
+                       nprobe: int | None = None,
                        ef_search: int | None = None, refine_factor: int = 0, batch_size: int = 256) -> Retriever:
         """Open what `raydistill index` wrote: meta.json names the corpus and embedder. `refine_factor` > 0
         re-scores an approximate index's top k*factor exactly from the on-disk embedding shards."""
@@ -99,8 +100,8 @@ class Retriever:
         index = index.to_device(index_device)
         if embedder is None:
             emb = meta["embedder"]
-            embedder = create_embedder(emb["spec"], device=device, fp16=fp16, max_length=emb["max_length"],
-                                       batch_size=batch_size)
+            embedder = create_embedder(emb["spec"], device=device, fp16=fp16, cpu_bf16=cpu_bf16,
+                                       max_length=emb["max_length"], batch_size=batch_size)
         return cls(embedder, index, passages, batch_size=batch_size)
 
 

@@ -36,6 +36,7 @@ import numpy as np
 from raydistill.config import RootConfig
 from raydistill.retrieval import resolve_index_dir
 from raydistill.retrieval.corpus import Shard, fingerprint_file, plan_shards, read_shard, resolve_corpus
+from raydistill.retrieval.embedders import precision
 from raydistill.retrieval.index import build_index
 from raydistill.retrieval.search import INDEX_FILE, META_FILE
 from raydistill.stages.ray_init import init_ray
@@ -57,7 +58,7 @@ def embedding_identity(cfg: RootConfig, corpus: Path) -> dict:
         "corpus_fingerprint": fingerprint_file(corpus),
         "embedder": r.embedder,
         "max_length": r.max_length,
-        "precision": "float16" if (r.fp16 and r.num_gpus > 0) else "float32",
+        "precision": precision("cuda" if r.num_gpus > 0 else "cpu", r.fp16, r.cpu_bf16),
         "shard_size": r.shard_size,
     }
 
@@ -141,10 +142,11 @@ def _read_chunks(batch: dict, corpus: str, chunk: int):
 class EmbedChunks:
     """Actor-pool UDF: holds one embedder; each call embeds whole chunks (deterministic batch composition)."""
 
-    def __init__(self, spec: str, max_length: int, fp16: bool, batch_size: int):
+    def __init__(self, spec: str, max_length: int, fp16: bool, cpu_bf16: bool, batch_size: int):
         from raydistill.retrieval.embedders import create_embedder
 
-        self.embedder = create_embedder(spec, fp16=fp16, max_length=max_length, batch_size=batch_size)
+        self.embedder = create_embedder(spec, fp16=fp16, cpu_bf16=cpu_bf16, max_length=max_length,
+                                        batch_size=batch_size)
 
     def __call__(self, batch: dict) -> dict:
         embs, ns, dims = [], [], []
@@ -174,7 +176,8 @@ def embed_missing(cfg: RootConfig, corpus: Path, emb_dir: Path, missing: list[Sh
     ds = ds.map_batches(_read_chunks, fn_kwargs={"corpus": str(corpus), "chunk": r.batch_size}, batch_size=1,
                         num_cpus=0.1, label_selector=here)
     ds = ds.map_batches(EmbedChunks, fn_constructor_kwargs={"spec": r.embedder, "max_length": r.max_length,
-                                                             "fp16": r.fp16, "batch_size": r.batch_size},
+                                                             "fp16": r.fp16, "cpu_bf16": r.cpu_bf16,
+                                                             "batch_size": r.batch_size},
                         batch_size=1, compute=ray.data.ActorPoolStrategy(size=r.num_actors),
                         num_cpus=r.num_cpus, num_gpus=r.num_gpus or None)
     by_index = {s.index: s for s in missing}

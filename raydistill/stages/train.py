@@ -44,7 +44,7 @@ CONFIG_FILE = "train_config.json"
 _RESOURCE_KEYS = {"data", "kinds", "num_workers", "use_gpu", "gpus_per_worker", "cpus_per_worker", "storage_path",
                   "num_to_keep", "checkpoint_every_steps", "max_failures", "merge", "max_steps",
                   "gradient_checkpointing", "attn_implementation", "packing", "max_tokens_per_batch",
-                  "micro_batch_size", "shuffle_buffer", "ingest"}
+                  "micro_batch_size", "shuffle_buffer", "ingest", "pad_to_multiple_of"}
 
 
 class TrainError(RuntimeError):
@@ -238,7 +238,7 @@ def _settings(cfg: RootConfig, p: TrainPaths, meta: SftMeta, pad_id: int, fp: st
         lora_target_modules=t.lora.target_modules, lr=t.lr, weight_decay=t.weight_decay,
         warmup_ratio=t.warmup_ratio, max_grad_norm=t.max_grad_norm, epochs=t.epochs,
         effective_batch_size=t.effective_batch_size, micro_batch_size=t.micro_batch_size, packing=t.packing,
-        max_tokens_per_batch=t.max_tokens_per_batch, max_steps=t.max_steps,
+        max_tokens_per_batch=t.max_tokens_per_batch, pad_to_multiple_of=t.pad_to_multiple_of, max_steps=t.max_steps,
         checkpoint_every_steps=t.checkpoint_every_steps, seed=cfg.seed, pad_id=pad_id,
         shuffle_buffer=t.shuffle_buffer, live_metrics_path=str(p.metrics), fingerprint=fp)
 

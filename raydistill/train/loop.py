@@ -66,6 +66,7 @@ class LoopSettings:
     micro_batch_size: int = 1
     packing: bool = True
     max_tokens_per_batch: int = 16_384
+    pad_to_multiple_of: int = 1
     max_steps: int | None = None
     checkpoint_every_steps: int = 50
     seed: int = 0
@@ -438,7 +439,8 @@ def run(settings: LoopSettings | dict, rt: Runtime) -> dict:
             batch = [x for share in shares for x in share]  # the global batch, in rank order, on every worker
             samples = balance(batch, rt.world_size)[rt.rank] if s.balance else local
             mbs = plan_micro_batches(samples, packing=s.packing, max_tokens=s.max_tokens_per_batch,
-                                     micro_batch_size=s.micro_batch_size, pad_id=s.pad_id)
+                                     micro_batch_size=s.micro_batch_size, pad_id=s.pad_id,
+                                     pad_to_multiple_of=s.pad_to_multiple_of)
             (n_max,) = _all_reduce([float(len(mbs))], "max", rt.device)
             global_targets = float(sum(x.num_targets for x in batch))
             scale = rt.world_size / max(global_targets, 1.0)

@@ -93,25 +93,38 @@ class MicroBatch:
                           max_length_k=self.max_seq_len)
             else:
                 kw["packed_seq_bounds"] = [int(x) for x in self.cu_seq_lens.tolist()]
+                if torch.device(device).type == "cuda":  # for PyTorch's varlen kernel (one copy per micro-batch)
+                    kw["packed_cu_seqlens"] = self.cu_seq_lens.to(device, non_blocking=True)
         return kw
 
 
-def pack_row(samples: Sequence[Sample]) -> MicroBatch:
-    """Concatenate samples into one (1, L) row with restarting position ids and per-sample shifted targets."""
+def pack_row(samples: Sequence[Sample], pad_to_multiple_of: int = 1, pad_id: int = 0) -> MicroBatch:
+    """Concatenate samples into one (1, L) row with restarting position ids and per-sample shifted targets.
+
+    With `pad_to_multiple_of` > 1 the row ends in a pad segment (its own positions, no targets) that rounds L
+    up, so GPU kernels see aligned shapes; it attends only to itself and adds nothing to the loss.
+    """
     lens = [len(s) for s in samples]
-    ids = np.concatenate([s.input_ids for s in samples])
-    targets = np.concatenate([s.targets() for s in samples])
-    pos = np.concatenate([np.arange(n) for n in lens])
-    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    total = sum(lens)
+    pad = (-total) % pad_to_multiple_of
+    ids = [s.input_ids for s in samples] + ([np.full(pad, pad_id, dtype=np.int64)] if pad else [])
+    targets = [s.targets() for s in samples] + ([np.full(pad, IGNORE, dtype=np.int64)] if pad else [])
+    segs = lens + ([pad] if pad else [])
+    pos = np.concatenate([np.arange(n) for n in segs])
+    cu = np.concatenate([[0], np.cumsum(segs)]).astype(np.int32)
     return MicroBatch(
-        input_ids=torch.from_numpy(ids)[None], targets=torch.from_numpy(targets)[None],
-        position_ids=torch.from_numpy(pos)[None], cu_seq_lens=torch.from_numpy(cu), max_seq_len=max(lens),
-        num_samples=len(samples), num_tokens=int(sum(lens)), num_targets=sum(s.num_targets for s in samples),
+        input_ids=torch.from_numpy(np.concatenate(ids))[None], targets=torch.from_numpy(np.concatenate(targets))[None],
+        position_ids=torch.from_numpy(pos)[None], cu_seq_lens=torch.from_numpy(cu), max_seq_len=max(segs),
+        num_samples=len(samples), num_tokens=int(total), num_targets=sum(s.num_targets for s in samples),
         sample_lens=lens)
 
 
-def pack(samples: Sequence[Sample], max_tokens: int) -> list[MicroBatch]:
-    """First-fit-decreasing bin packing into rows of at most `max_tokens` tokens (deterministic)."""
+def pack(samples: Sequence[Sample], max_tokens: int, pad_to_multiple_of: int = 1, pad_id: int = 0
+         ) -> list[MicroBatch]:
+    """First-fit-decreasing bin packing into rows of at most `max_tokens` tokens (deterministic).
+
+    Rows are then padded up to a multiple of `pad_to_multiple_of` (which may exceed max_tokens by less than it).
+    """
     too_long = [s for s in samples if len(s) > max_tokens]
     if too_long:
         s = too_long[0]
@@ -130,7 +143,7 @@ def pack(samples: Sequence[Sample], max_tokens: int) -> list[MicroBatch]:
         else:
             bins.append([i])
             room.append(max_tokens - n)
-    return [pack_row([samples[i] for i in b]) for b in bins]
+    return [pack_row([samples[i] for i in b], pad_to_multiple_of, pad_id) for b in bins]
 
 
 def pad_batches(samples: Sequence[Sample], micro_batch_size: int, pad_id: int) -> list[MicroBatch]:
@@ -155,11 +168,11 @@ def pad_batches(samples: Sequence[Sample], micro_batch_size: int, pad_id: int) -
 
 
 def plan_micro_batches(samples: Sequence[Sample], *, packing: bool, max_tokens: int, micro_batch_size: int,
-                       pad_id: int) -> list[MicroBatch]:
+                       pad_id: int, pad_to_multiple_of: int = 1) -> list[MicroBatch]:
     if not samples:
         return []
     if packing:
-        return pack(samples, max_tokens)
+        return pack(samples, max_tokens, pad_to_multiple_of, pad_id)
     return pad_batches(samples, micro_batch_size, pad_id)
 
 

@@ -48,3 +48,13 @@ def test_bad_input_and_specs(minilm):
         create_embedder("bert")
     with pytest.raises(ValueError, match="unknown embedder kind"):
         create_embedder("foo:bar")
+
+
+@pytest.mark.parametrize("spec", ["minilm", "minilm-st"])
+def test_cpu_bf16_is_close_to_fp32(minilm, spec):
+    bf = create_embedder(spec, cpu_bf16=True)
+    assert bf.dtype_name == "bfloat16" and bf.describe()["dtype"] == "bfloat16"
+    a, b = minilm.encode(TEXTS), bf.encode(TEXTS)
+    assert b.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    assert (a * b).sum(1).min() > 0.995

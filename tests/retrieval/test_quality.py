@@ -129,3 +129,32 @@ def test_web_search_format(retriever):
         tool(["Horatio Hale"])
     with pytest.raises(ValueError, match="empty query"):
         tool("   ")
+
+
+def test_service_coalesces_dedups_and_caches(retriever):
+    """The coalescing front without Ray: concurrent calls share one batch, identical queries are searched
+    once, repeats come from the cache, and each caller gets its own k."""
+    import asyncio
+
+    from raydistill.actors.retriever import RetrieverService
+
+    svc = RetrieverService(retriever=retriever, top_k=3, batch_wait_ms=5)
+
+    async def go():
+        first = await asyncio.gather(*[svc.search(["Horatio Hale"], 3) for _ in range(8)],
+                                     svc.search(["Evan Morris", "Dibba Al-Hisn"], 2))
+        s1 = await svc.stats()
+        again = await svc.search(["Horatio Hale"], 2)
+        s2 = await svc.stats()
+        wider = await svc.search(["Horatio Hale"], 5)
+        s3 = await svc.stats()
+        with pytest.raises(TypeError, match="query 1 is a int"):
+            await svc.search(["a", 1])
+        return first, again, wider, s1, s2, s3
+
+    first, again, wider, s1, s2, s3 = asyncio.run(go())
+    assert (s1["calls"], s1["batches"], s1["queries"], s1["searched"]) == (9, 1, 10, 3)
+    assert all(r == first[0] for r in first[:8]) and first[0][0][0].title == "Horatio Hale"
+    assert [len(h) for h in first[8]] == [2, 2] and first[8][0][0].title == "Evan Morris"
+    assert again == [first[0][0][:2]] and s2["searched"] == 3 and s2["cache_hits"] == 1
+    assert len(wider[0]) == 5 and s3["searched"] == 4  # a larger k than cached: searched again

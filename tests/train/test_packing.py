@@ -95,7 +95,7 @@ def test_packed_and_padded_loss_and_grads_equal_per_sample_sum(models):
         per_sample.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
     ref_loss = sum(x for x, _ in per_sample)
     ref_grads = [sum(g[i] for _, g in per_sample) for i in range(len(per_sample[0][1]))]
-    for mbs in (pack(samples, 128), pad_batches(samples, 3, pad_id=0)):
+    for mbs in (pack(samples, 128), pack(samples, 128, pad_to_multiple_of=16), pad_batches(samples, 3, pad_id=0)):
         model.zero_grad()
         total = sum(loss_sum(model, mb, "cpu") for mb in mbs)
         total.backward()
@@ -150,3 +150,16 @@ def test_isolation_check_catches_an_attention_that_leaks_across_samples():
     with pytest.raises(RuntimeError, match="does not keep packed samples apart"):
         check_packed_isolation("test_leaky")
     assert check_packed_isolation("sdpa_varlen") < 1e-3
+
+
+def test_row_padding_is_a_separate_loss_free_segment(models):
+    samples = _samples([9, 17, 5], seed=5)
+    mb = pack_row(samples, pad_to_multiple_of=16, pad_id=0)
+    assert mb.input_ids.shape[1] == 32 and mb.num_tokens == 31 and mb.padded_tokens == 32
+    assert mb.cu_seq_lens.tolist() == [0, 9, 26, 31, 32] and mb.targets[0, 31].item() == IGNORE
+    assert mb.num_samples == 3 and mb.sample_lens == [9, 17, 5]
+    with torch.no_grad():
+        padded = models["sdpa_varlen"](**mb.model_inputs("cpu")).logits[0, :31]
+        plain = models["sdpa_varlen"](**pack_row(samples).model_inputs("cpu")).logits[0]
+    assert torch.allclose(padded, plain, atol=1e-5)
+    assert all(r.padded_tokens % 64 == 0 for r in pack(_samples([300, 200, 120, 500]), 512, 64))
