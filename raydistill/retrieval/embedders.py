@@ -156,9 +156,11 @@ class SentenceTransformerEmbedder(Embedder):
         prefix = self.query_prefix if kind == "query" else self.passage_prefix
         if prefix:
             texts = [prefix + t for t in texts]
+        import torch
+
         vecs = self.model.encode(texts, batch_size=len(texts), convert_to_tensor=True,
-                                 normalize_embeddings=True, show_progress_bar=False)
-        return vecs.float().cpu().numpy()
+                                 normalize_embeddings=False, show_progress_bar=False)
+        return torch.nn.functional.normalize(vecs.float(), p=2, dim=-1).cpu().numpy()  # in fp32
 
 
 def _torch_dtype(device: str, fp16: bool, cpu_bf16: bool):
