@@ -25,6 +25,7 @@ import socket
 import statistics
 import threading
 import time
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -141,6 +142,59 @@ def bench_http(retriever, queries: list[str], k: int, single_n: int, concurrency
     return res
 
 
+def bench_ray_actor(index_dir: str, queries: list[str], k: int, single_n: int, rounds: int, cpu_bf16: bool) -> dict:
+    """The agents' path: a RetrieverActor; sequential single-query calls vs the same queries as concurrent
+    single-query calls (coalesced by the actor) vs one batched call. CPU time here is the driver's only."""
+    import ray
+
+    from raydistill.actors.retriever import RetrieverActor
+
+    h = RetrieverActor.options(num_cpus=1, max_concurrency=1000).remote(
+        index_dir, top_k=k, max_batch_size=256, batch_wait_ms=2.0, cache_size=0, cpu_bf16=cpu_bf16,
+        index_device="cpu")
+    ray.get(h.ready.remote())
+    ray.get(h.search.remote(queries[:8], k))
+    out = []
+    for _ in range(rounds):
+        r = {}
+        with Clock() as t:
+            for q in queries[:single_n]:
+                ray.get(h.search.remote([q], k))
+        r["single"] = (t.wall, t.cpu)
+        before = ray.get(h.stats.remote())["batches"]
+        with Clock() as t:
+            ray.get([h.search.remote([q], k) for q in queries])
+        r["concurrent"] = (t.wall, t.cpu)
+        r["batches"] = ray.get(h.stats.remote())["batches"] - before
+        with Clock() as t:
+            ray.get(h.search.remote(queries, k))
+        r["batched"] = (t.wall, t.cpu)
+        out.append(r)
+    ray.kill(h)
+    res = {"one_call_of_all_queries": _summary(out, single_n, len(queries), "single", "batched"),
+           "concurrent_single_query_calls": _summary(out, single_n, len(queries), "single", "concurrent")}
+    res["concurrent_single_query_calls"]["service_batches"] = int(statistics.median(r["batches"] for r in out))
+    return res
+
+
+def _index_dir(corpus, vecs, embedder: str) -> str:
+    """A minimal index dir (what `raydistill index` writes) for the actor to load."""
+    import tempfile
+
+    from raydistill.retrieval import build_index
+
+    d = Path(tempfile.mkdtemp(prefix="retrieval-bench-"))
+    path = d / "corpus.jsonl"
+    with open(path, "w") as f:
+        for i in range(len(corpus)):
+            f.write(json.dumps({"id": corpus.id(i), "contents": corpus.contents(i)}) + "\n")
+    build_index(vecs, "flat").save(d / "index.faiss")
+    (d / "meta.json").write_text(json.dumps({
+        "corpus": str(path), "count": len(corpus), "dim": int(vecs.shape[1]), "index_type": "flat",
+        "index_params": {}, "embedder": {"spec": embedder, "max_length": 256}}))
+    return str(d)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", default="bundled:wiki18_sample_1000")
@@ -155,6 +209,7 @@ def main() -> None:
                     help="torch threads (1: stable on a shared, oversubscribed box; 0 = torch default)")
     ap.add_argument("--dtypes", default="float32,bfloat16",
                     help="CPU embedding precisions to measure (bfloat16 = retrieval.cpu_bf16)")
+    ap.add_argument("--ray", action="store_true", help="also measure through a RetrieverActor on a local Ray")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -162,6 +217,13 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.ray:
+        import ray
+
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 configure_logging=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads or 2), "HF_HUB_OFFLINE": "1"}})
 
     from raydistill.retrieval import Retriever, build_index, create_embedder, read_corpus
     from raydistill.retrieval.corpus import Corpus, resolve_corpus
@@ -188,6 +250,9 @@ def main() -> None:
         retriever = Retriever(emb, build_index(vecs, "flat"), corpus, batch_size=256)
         run["inprocess"] = bench_inprocess(retriever, queries, args.k, single_n, args.rounds)
         run["http"] = bench_http(retriever, queries, args.k, single_n, args.concurrency, args.rounds)
+        if args.ray:
+            run["ray_actor"] = bench_ray_actor(_index_dir(corpus, vecs, args.embedder), queries, args.k, single_n,
+                                               args.rounds, dtype == "bfloat16")
         result["runs"][dtype] = run
         print(f"{dtype} done", flush=True)
     result["machine"]["load_avg_1m_after"] = os.getloadavg()[0]
@@ -198,10 +263,15 @@ def main() -> None:
     for dtype, run in result["runs"].items():
         ip = run["inprocess"]
         hb, hc = run["http"]["batched_requests_of_64"], run["http"]["concurrent_single_query_clients"]
-        for name, r in (("in-process: query embedding + flat search, one call of 256", ip),
-                        ("HTTP /retrieve, requests of 64 queries", hb),
-                        (f"HTTP /retrieve, {hc['clients']} concurrent 1-query clients "
-                         f"(coalesced into {hc['service_batches']} batches)", hc)):
+        rows = [("in-process: query embedding + flat search, one call of 256", ip),
+                ("HTTP /retrieve, requests of 64 queries", hb),
+                (f"HTTP /retrieve, {hc['clients']} concurrent 1-query clients "
+                 f"(coalesced into {hc['service_batches']} batches)", hc)]
+        if "ray_actor" in run:
+            ra, rc = run["ray_actor"]["one_call_of_all_queries"], run["ray_actor"]["concurrent_single_query_calls"]
+            rows += [("Ray actor, one call of 256", ra),
+                     (f"Ray actor, 256 concurrent 1-query calls (coalesced into {rc['service_batches']} batches)", rc)]
+        for name, r in rows:
             print(f"| {dtype} | {name} | {r['one_at_a_time_qps']} | {r['batched_qps']} | {r['ratio']}x | "
                   f"{r['one_at_a_time_cpu_ms_per_query']} / {r['batched_cpu_ms_per_query']} | {r['cpu_ratio']}x |")
     for dtype, run in result["runs"].items():
