@@ -135,8 +135,13 @@ async def run_ours(inner, shape: Shape, episodes: int, concurrency: int, role: s
 
 # -- (b)/(c) the bare driver ----------------------------------------------------------------------------
 async def run_bare(inner, shape: Shape, episodes: int, concurrency: int, role: str = "student",
-                   name: str = "bare", detokenize: bool = False) -> dict:
-    """Same shapes as `run_ours` straight on the engine: token-id prompts, random observation tokens."""
+                   name: str = "bare", detokenize: bool = False, reuse_generated: bool = True) -> dict:
+    """Same shapes as `run_ours` straight on the engine: token-id prompts, random observation tokens.
+
+    reuse_generated=False appends fresh random ids in place of the generated ones, as a fixed-action
+    transcript does (its assistant text is not what was generated): those blocks then miss the prefix cache
+    and are prefilled again, the GPU-side cost the fixed-action stage pays and the plain bare driver does not.
+    """
     from raydistill.agent.messages import episode_prefix
 
     tok = inner.tokenizer
@@ -157,7 +162,8 @@ async def run_bare(inner, shape: Shape, episodes: int, concurrency: int, role: s
                 out = await gen_fn(ids)
                 counted[0] += len(out)
                 await asyncio.sleep(shape.tool_s)
-                ids = ids + out + [rnd.randrange(1000, vocab) for _ in range(shape.obs_tokens)]
+                said = out if reuse_generated else [rnd.randrange(1000, vocab) for _ in out]
+                ids = ids + said + [rnd.randrange(1000, vocab) for _ in range(shape.obs_tokens)]
 
     t0 = time.perf_counter()
     await asyncio.gather(*(episode(p) for p in prompts))

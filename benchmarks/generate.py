@@ -3,10 +3,14 @@
 1. SFT builder: N synthetic 5-step agent trajectories (~200-token steps, ~100-token observations) ->
    student chats -> input_ids + assistant-only loss mask, vs the floor of just tokenizing the same chats
    with `apply_chat_template(tokenize=True)` (no mask). Reports trajectories/s, tokens/s and the mask's cost.
-2. --stage: benchmarks/gpu/generate_gpu.py --cpu (Ray Data stage vs bare driver vs 4-at-a-time loop on the
+2. --prompt-cost: CPU per agent step of turning the conversation into prompt ids on the teacher actor's
+   event loop, whole-conversation encode vs IncrementalPromptEngine, on the GPU benchmark's exact
+   conversation (Qwen2.5-0.5B-shaped tokenizer, fixed-action steps, 5 steps from a ~1,600-token prompt);
+   process CPU time, so a busy machine inflates it less than wall time. Also checks the ids are identical.
+3. --stage: benchmarks/gpu/generate_gpu.py --cpu (Ray Data stage vs bare driver vs 4-at-a-time loop on the
    tiny transformers model; plumbing figures, not the GPU targets).
 
-    python benchmarks/generate.py [--n 300] [--stage] [--json-out FILE]
+    python benchmarks/generate.py [--n 300] [--prompt-cost] [--stage] [--json-out FILE]
 """
 
 from __future__ import annotations
@@ -61,11 +65,69 @@ def bench_sft(n: int, tokenizer_name: str) -> dict:
             "mask_overhead_x": round(build_s / floor_s, 2)}
 
 
+def bench_prompt_cost(episodes: int = 20, steps: int = 5) -> dict:
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    from benchmarks.episodes import make_questions, make_tool_output
+    from benchmarks.gpu.model_shapes import make_model_dir
+    from raydistill.actors.teacher import IncrementalPromptEngine
+    from raydistill.agent.messages import episode_prefix
+    from raydistill.config.engine import EngineConfig
+    from raydistill.engines.base import Completion, Engine
+    from raydistill.engines.fixed_action import FixedActionEngine, default_action
+    from raydistill.engines.rendering import render_prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(str(make_model_dir("qwen2.5-0.5b", "/tmp/raydistill-bench/qwen2.5-0.5b")))
+
+    class Recorder(Engine):
+        """Stands in for vLLM: renders the request to ids exactly as VLLMEngine does, generates nothing."""
+
+        backend = "vllm"
+
+        def __init__(self) -> None:
+            super().__init__(EngineConfig(model="bench"))
+            self.tokenizer, self.sent = tok, []
+
+        async def generate(self, request, params):
+            self.sent.append(render_prompt_ids(tok, request))
+            return [Completion(text="", token_ids=list(range(1000, 1200)), completion_tokens=200)]
+
+    qs = make_questions(tok, "teacher", ["web_search"], 1500, episodes)
+    obs = "Observation:\n" + make_tool_output(tok, 100)
+
+    async def run(engine) -> float:
+        from raydistill.engines import SamplingParams
+        from raydistill.engines.base import ChatRequest
+
+        fa = FixedActionEngine(engine, default_action(steps), gen_tokens=200)
+        t = time.process_time()
+        for q in qs:
+            msgs = episode_prefix(q, "teacher", ["web_search"])
+            for _ in range(steps):
+                [c] = await fa.generate(ChatRequest(messages=msgs), SamplingParams())
+                msgs = [*msgs, {"role": "assistant", "content": c.text}, {"role": "user", "content": obs}]
+        return (time.process_time() - t) / (episodes * steps)
+
+    full, inc_inner = Recorder(), Recorder()
+    inc = IncrementalPromptEngine(inc_inner)
+    full_s, inc_s = asyncio.run(run(full)), asyncio.run(run(inc))
+    return {"steps": episodes * steps, "prompt_tokens_last_step": len(full.sent[steps - 1]),
+            "full_ms_cpu_per_step": round(1000 * full_s, 3), "incremental_ms_cpu_per_step": round(1000 * inc_s, 3),
+            "ids_identical": full.sent == inc_inner.sent,
+            "prefix_kept_full_render": all(b[: len(a)] == a for a, b in zip(full.sent, full.sent[1:], strict=False)
+                                           if len(b) > len(a)),
+            "tokens_encoded_incremental": inc.counters["tokens_encoded"],
+            "tokens_sent": sum(map(len, inc_inner.sent))}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=300, help="synthetic trajectories for the SFT builder")
     p.add_argument("--tokenizer", default="tiny:qwen2-tiny")
     p.add_argument("--stage", action="store_true", help="also run the tiny CPU stage benchmark")
+    p.add_argument("--prompt-cost", action="store_true", help="also measure prompt-ids CPU per step (full vs incremental)")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     res: dict = {"python": platform.python_version(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -74,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"SFT builder: {s['trajectories']} trajectories x {s['mean_tokens']} tokens: {s['build_s']}s "
           f"({s['trajectories_per_s']} traj/s, {s['tokens_per_s']} tok/s); tokenize-only floor "
           f"{s['floor_tokenize_only_s']}s -> mask costs {s['mask_overhead_x']}x", flush=True)
+    if args.prompt_cost:
+        res["prompt_cost"] = pc = bench_prompt_cost()
+        print(f"prompt ids per step: full encode {pc['full_ms_cpu_per_step']} ms CPU, incremental "
+              f"{pc['incremental_ms_cpu_per_step']} ms CPU (ids identical: {pc['ids_identical']}; encoded "
+              f"{pc['tokens_encoded_incremental']} of {pc['tokens_sent']} tokens sent)", flush=True)
     if args.stage:
         import importlib.util
 

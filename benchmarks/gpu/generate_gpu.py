@@ -42,6 +42,196 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPAT
 
 from raydistill.actors.teacher import TeacherWorker  # noqa: E402
 
+# -- instrumentation (runs inside the teacher actor) ----------------------------------------------------------
+_IDLE_LEAVES = {"select", "poll", "epoll", "wait", "_wait_for_tstate_lock", "sleep", "get", "acquire", "accept",
+                "recv", "read", "readinto", "_worker", "run_forever", "main_loop"}
+
+
+def _where(frame, depth: int = 8) -> tuple[str, list[str]]:
+    """(leaf 'file:func', up to `depth` frames leaf first) of a frame."""
+    out = []
+    f = frame
+    while f is not None and len(out) < depth:
+        c = f.f_code
+        out.append(f"{os.path.basename(c.co_filename)}:{c.co_name}:{f.f_lineno}")
+        f = f.f_back
+    return (out[0] if out else "?"), out
+
+
+def _loop_base_codes() -> set:
+    """Code objects of the running loop thread's frames below its outermost coroutine (run_forever and its
+    callers): a sample whose leaf is one of them is the loop waiting (uvloop polls in C, with no frame)."""
+    import inspect
+
+    frames = []
+    f = sys._getframe(1)
+    while f is not None:
+        frames.append(f)
+        f = f.f_back
+    outer = max((i for i, fr in enumerate(frames) if fr.f_code.co_flags & inspect.CO_COROUTINE), default=None)
+    return set() if outer is None else {fr.f_code for fr in frames[outer + 1:]}
+
+
+class LoopProbe:
+    """Explains where a window's time went on the process that runs the episodes AND vLLM's AsyncLLM output
+    handler (they share one event loop):
+      - loop lag: a task sleeping `tick_s` measures how late it wakes (p50/p99/max, share of time late);
+      - a main-loop stack sampler (a thread reading sys._current_frames every `sample_s`): busy share of the
+        loop thread and its hottest leaves / first raydistill-vllm frames / collapsed stacks; busy samples of
+        the other Python threads (grading, Parquet writes, Ray Data's batch thread);
+      - CPU seconds of the loop thread and of the whole process (frontend) vs wall;
+      - vLLM's own counters (prometheus registry in this process when log stats are on): prefix-cache
+        queries/hits, preemptions, prompt/generation tokens, mean queue time / TTFT / inter-token latency.
+    One window at a time: start(name) ... summary()."""
+
+    def __init__(self, tick_s: float = 0.005, sample_s: float = 0.005) -> None:
+        self.tick_s, self.sample_s = tick_s, sample_s
+        self._task = None
+        self._thread = None
+        self._stop = None
+
+    def start(self, name: str) -> None:
+        import collections
+        import threading
+
+        self.stop()
+        self.name = name
+        self.loop_tid = threading.get_ident()
+        self.base_codes = _loop_base_codes()
+        self.lags: list[float] = []
+        self.samples = 0
+        self.busy = 0
+        self.leaf: collections.Counter = collections.Counter()
+        self.first_own: collections.Counter = collections.Counter()
+        self.stacks: collections.Counter = collections.Counter()
+        self.threads: collections.Counter = collections.Counter()
+        self.t0 = time.perf_counter()
+        self.cpu0 = os.times()
+        try:
+            self.clk = time.pthread_getcpuclockid(self.loop_tid)
+            self.tcpu0 = time.clock_gettime(self.clk)
+        except (AttributeError, OSError):
+            self.clk = None
+        self.vllm0 = vllm_counters()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="loop-probe", daemon=True)
+        self._thread.start()
+        self._task = asyncio.get_running_loop().create_task(self._lag())
+
+    async def _lag(self) -> None:
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(self.tick_s)
+            self.lags.append(time.perf_counter() - t - self.tick_s)
+
+    def _sample(self) -> None:
+        import threading
+
+        names = {}
+        me = threading.get_ident()
+        while not self._stop.wait(self.sample_s):
+            frames = sys._current_frames()
+            self.samples += 1
+            for tid, fr in frames.items():
+                if tid == me:
+                    continue
+                leaf, stack = _where(fr, 12 if tid == self.loop_tid else 1)  # other threads: leaf only (cheap)
+                func = leaf.split(":")[1]
+                idle = func in _IDLE_LEAVES
+                if tid == self.loop_tid:
+                    idle = idle or fr.f_code in self.base_codes  # uvloop idles in C under its run_forever caller
+                    if idle:
+                        continue
+                    self.busy += 1
+                    self.leaf[leaf] += 1
+                    own = next((x for x in stack if not x.startswith(("asyncio", "events.py", "base_events.py",
+                                                                      "threading.py"))), leaf)
+                    self.first_own[own] += 1
+                    self.stacks[" < ".join(stack[:6])] += 1
+                elif not idle:
+                    if tid not in names:
+                        names = {t.ident: t.name for t in threading.enumerate()}
+                    self.threads[f"{names.get(tid, tid)}: {leaf}"] += 1
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=1)
+            self._stop = None
+
+    def summary(self) -> dict:
+        """The current window so far (does not stop it)."""
+        wall = max(time.perf_counter() - self.t0, 1e-9)
+        cpu = os.times()
+        lags = sorted(self.lags)
+
+        def q(p: float) -> float | None:
+            return round(1000 * lags[min(len(lags) - 1, int(p * len(lags)))], 2) if lags else None
+
+        n = max(self.samples, 1)
+
+        def top(c, k=12):
+            return [[k_, round(100 * v / n, 1)] for k_, v in c.most_common(k)]
+
+        out = {
+            "window": self.name, "wall_s": round(wall, 2),
+            "loop_lag_ms": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": q(1.0) if lags else None,
+                            "ticks": len(lags), "late_share": round(sum(lags) / wall, 3) if lags else None},
+            "loop_busy_share": round(self.busy / n, 3),
+            "process_cpu_per_wall": round((cpu.user + cpu.system - self.cpu0.user - self.cpu0.system) / wall, 3),
+            "top_leaf_pct": top(self.leaf), "top_first_own_frame_pct": top(self.first_own),
+            "top_stacks_pct": top(self.stacks, 8), "other_threads_busy_pct": top(self.threads, 10),
+        }
+        if self.clk is not None:
+            out["loop_thread_cpu_per_wall"] = round((time.clock_gettime(self.clk) - self.tcpu0) / wall, 3)
+        out["vllm"] = vllm_delta(self.vllm0, vllm_counters())
+        return out
+
+
+def vllm_counters() -> dict:
+    """vLLM's prometheus samples in this process, summed over labels ({} without vLLM or with stats off)."""
+    try:
+        from prometheus_client import REGISTRY
+    except ImportError:
+        return {}
+    out: dict[str, float] = {}
+    try:
+        for metric in REGISTRY.collect():
+            for smp in metric.samples:
+                if smp.name.startswith("vllm:") and not smp.name.endswith(("_bucket", "_created")):
+                    out[smp.name] = out.get(smp.name, 0.0) + float(smp.value)
+    except Exception as e:  # instrumentation must never break the benchmark
+        return {"error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+def vllm_delta(a: dict, b: dict) -> dict:
+    """Counter deltas of one window + the derived figures that explain a slow step."""
+    if not b or "error" in b:
+        return b
+    d = {k: b[k] - a.get(k, 0.0) for k in b if k.endswith(("_total", "_sum", "_count"))}
+    out: dict = {}
+    qs, hits = d.get("vllm:prefix_cache_queries_total"), d.get("vllm:prefix_cache_hits_total")
+    if qs:
+        out["prefix_cache_hit_rate"] = round((hits or 0) / qs, 4)
+    for k in ("vllm:num_preemptions_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+              "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"):
+        if k in d:
+            out[k.removeprefix("vllm:")] = round(d[k])
+    for k in sorted(d):
+        if k.endswith("_sum"):
+            base = k.removesuffix("_sum")
+            cnt = d.get(base + "_count")
+            if cnt:
+                out["mean_" + base.removeprefix("vllm:")] = round(d[k] / cnt, 5)
+    gauges = {k.removeprefix("vllm:"): v for k, v in b.items() if k in ("vllm:num_requests_running",
+                                                                      "vllm:num_requests_waiting")}
+    return {**out, **gauges}
+
+
 
 class FakeWebSearch:
     """Picklable `web_search`: fixed latency, fixed output size (runs in the sandbox host actor)."""
@@ -54,9 +244,27 @@ class FakeWebSearch:
         return self.text
 
 
+def _memo_fixed_action():
+    """FixedActionEngine whose padded action text is computed once per (code, token count): the stand-in for
+    text a real model's tokens decode to (free in real runs: vLLM detokenizes), so the stage does not pay
+    ~1 ms of tokenizer calls per step on its event loop that the bare driver never pays."""
+    from raydistill.engines.fixed_action import FixedActionEngine
+
+    class MemoFixedAction(FixedActionEngine):
+        def _text(self, code: str, target_tokens: int) -> str:
+            memo = self.__dict__.setdefault("_memo", {})
+            key = (code, target_tokens)
+            if key not in memo:
+                memo[key] = super()._text(code, target_tokens)
+            return memo[key]
+
+    return MemoFixedAction
+
+
 class BenchTeacher(TeacherWorker):
-    """TeacherWorker whose engine is wrapped in fixed-action mode; logs each episode's wall-clock span, and
-    runs the bare/paper baselines on its engine before its first episode."""
+    """TeacherWorker whose engine is wrapped in fixed-action mode; logs each episode's wall-clock span, runs
+    the bare/paper baselines (and any `extra` in-actor variants) on its engine before its first episode, and
+    probes every window (LoopProbe) - the stage's window from its first episode, rewritten after each batch."""
 
     def __init__(self, *args, bench_steps: int, bench_gen_tokens: int, times_dir: str,
                  baselines: dict | None = None, **kwargs) -> None:
@@ -64,33 +272,102 @@ class BenchTeacher(TeacherWorker):
         self.baselines = baselines
         self._baseline_lock: asyncio.Lock | None = None
         self._baselines_done = False
-        self.times_path = Path(times_dir) / f"{os.getpid()}-{time.time_ns()}.jsonl"
+        self.times_dir = Path(times_dir)
+        self.times_path = self.times_dir / f"{os.getpid()}-{time.time_ns()}.jsonl"
         self.times_path.parent.mkdir(parents=True, exist_ok=True)
+        self.probe = LoopProbe()
+        self._stage_probe_started = False
         super().__init__(*args, **kwargs)
         with self.times_path.open("a") as f:
             f.write(json.dumps({"engine_ready": time.time()}) + "\n")
 
     def _create_engine(self, create_engine):
-        from raydistill.engines.fixed_action import FixedActionEngine, default_action
+        from raydistill.engines.fixed_action import default_action
 
-        inner = create_engine(self.cfg.teacher)
-        return FixedActionEngine(inner, default_action(self.bench_steps, tool="web_search"),
+        wrapped = super()._create_engine(create_engine)  # IncrementalPromptEngine(raw) unless turned off
+        self.raw_engine = getattr(wrapped, "inner", wrapped)
+        return _memo_fixed_action()(wrapped, default_action(self.bench_steps, tool="web_search"),
                                  gen_tokens=self.bench_gen_tokens)
+
+    async def _probed(self, name: str, coro) -> dict:
+        self.probe.start(name)
+        try:
+            r = await coro
+        finally:
+            probe = self.probe.summary()
+            self.probe.stop()
+        r["probe"] = probe
+        print(f"[probe] {name}: {json.dumps(probe)}", flush=True)
+        return r
+
+    async def _actor_loop(self, shape, n: int, conc: int, incremental: bool) -> dict:
+        """The stage's per-episode path (run_one: pool sandbox, episode, grading) on this actor's loop,
+        without Ray Data or Parquet: separates the episode work from the Ray Data machinery."""
+        from benchmarks.episodes import make_questions
+        from raydistill.actors.teacher import IncrementalPromptEngine
+        from raydistill.engines.fixed_action import default_action
+
+        saved = self.engine
+        mid = IncrementalPromptEngine(self.raw_engine) if incremental else self.raw_engine
+        self.engine = _memo_fixed_action()(mid, default_action(self.bench_steps, tool="web_search"),
+                                        gen_tokens=self.bench_gen_tokens)
+        qs = make_questions(self.raw_engine.tokenizer, "teacher", ["web_search"], shape.prompt_tokens, n)
+        expected = str(sum(range(1, shape.steps)))
+        sem = asyncio.Semaphore(conc)
+        before = self.raw_engine.stats().get("generated_tokens", 0)
+
+        async def one(i: int):
+            async with sem:
+                return await self.run_one({"id": f"loop/{i}", "sample": 0, "question": qs[i], "gold": [expected],
+                                           "domain": "math", "source": "bench"})
+
+        try:
+            t0 = time.perf_counter()
+            trajs = await asyncio.gather(*(one(i) for i in range(n)))
+            wall = time.perf_counter() - t0
+        finally:
+            self.engine = saved
+        gen = self.raw_engine.stats().get("generated_tokens", 0) - before
+        steps = [s for t in trajs for s in t.steps]
+        return dict(variant="actor_loop" + ("" if incremental else "_full_render"), episodes=n, concurrency=conc,
+                    wall_s=round(wall, 3), episodes_per_s=round(n / wall, 3), gen_tokens=gen,
+                    tok_s=round(gen / wall, 1),
+                    ok_episodes=sum(1 for t in trajs if t.error is None and t.final_answer == expected),
+                    gen_s_per_step=round(sum(s.gen_s for s in steps) / max(1, len(steps)), 4),
+                    mean_exec_ms=round(1000 * sum(s.exec_s for s in steps) / max(1, len(steps)), 2))
 
     async def _run_baselines(self) -> None:
         from benchmarks.episodes import Shape, run_bare
         from raydistill.engines import ChatRequest, SamplingParams
 
         b = self.baselines
-        inner = self.engine.inner
+        inner = self.raw_engine
         shape = Shape(**b["shape"])
         warm = SamplingParams(max_tokens=8, ignore_eos=True)  # first requests (graphs, allocator) untimed
         await asyncio.gather(*(inner.generate(ChatRequest(prompt_token_ids=[100 + i] * 64), warm) for i in range(8)))
+        plan = [("bare", b["episodes"], b["concurrency"])]
+        if b["paper_episodes"]:
+            plan.append(("paper", b["paper_episodes"], 4))
+        plan += [(x, b["extra_episodes"], b["concurrency"]) for x in b.get("extra", [])]
         runs = []
-        for name, n, conc in (("bare", b["episodes"], b["concurrency"]), ("paper", b["paper_episodes"], 4)):
+        for name, n, conc in plan:
             await inner.reset_prefix_cache()
-            runs.append(await run_bare(inner, shape, n, conc, role="teacher", name=name))
+            if name in ("bare", "paper", "bare_detok", "bare_nosplice"):
+                coro = run_bare(inner, shape, n, conc, role="teacher", name=name, detokenize=name == "bare_detok",
+                                reuse_generated=name != "bare_nosplice")
+            elif name in ("actor_loop", "actor_loop_full_render"):
+                coro = self._actor_loop(shape, n, conc, incremental=name == "actor_loop")
+            else:
+                raise ValueError(f"unknown extra variant {name!r}")
+            runs.append(await self._probed(name, coro))
+            print(f"[variant] {json.dumps({k: v for k, v in runs[-1].items() if k != 'probe'})}", flush=True)
         await inner.reset_prefix_cache()
+        self.phases = dict.fromkeys(self.phases, 0.0)  # the stage's phase sums start now
+        self.episodes_run = 0
+        ps = getattr(self.engine.inner, "counters", None)
+        if isinstance(ps, dict):
+            for k in ps:
+                ps[k] = 0 if isinstance(ps[k], int) else 0.0
         Path(b["out"]).write_text(json.dumps(runs))
 
     async def __call__(self, batch):
@@ -101,11 +378,22 @@ class BenchTeacher(TeacherWorker):
                 if not self._baselines_done:
                     await self._run_baselines()
                     self._baselines_done = True
-        return await super().__call__(batch)
+        if not self._stage_probe_started:
+            self._stage_probe_started = True
+            self.probe.start("stage")
+        out = await super().__call__(batch)
+        # cumulative since the stage's first episode; the last batch's write is the whole stage
+        snap = {"probe": self.probe.summary(), **self.phase_stats()}
+        tmp = self.times_dir / f".probe-{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(snap))
+        os.replace(tmp, self.times_dir / f"probe-{os.getpid()}.json")
+        return out
 
     async def run_one(self, row):
         t0 = time.time()
         traj = await super().run_one(row)
+        if not self._stage_probe_started:  # an in-actor variant before the stage
+            return traj
         with self.times_path.open("a") as f:
             f.write(json.dumps({"start": t0, "end": time.time()}) + "\n")
         return traj
@@ -118,7 +406,10 @@ def build_config(args, model_dir: str, run_dir: Path, cpu: bool):
                if cpu else
                dict(backend="vllm", model=model_dir, load_format="dummy", dtype="bfloat16", max_model_len=8192,
                     gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-                    enable_prefix_caching=True, num_gpus=1))
+                    enable_prefix_caching=True, num_gpus=1,
+                    # vLLM's stat loggers on: the prometheus counters LoopProbe reads (prefix-cache hits,
+                    # preemptions, queue time, inter-token latency) and the periodic "Prefix cache hit rate" log.
+                    engine_kwargs={"disable_log_stats": not args.vllm_stats}))
     return RootConfig.model_validate({
         "run_dir": str(run_dir),
         "ray": {"address": "local"},
@@ -153,16 +444,19 @@ def run_stage(args, cfg, model_dir: str, shape, tok) -> dict:
     pool = SandboxPool(cfg.sandbox)
     for _ in range(args.sandbox_actors):  # zygotes up (numpy/sympy imported) before timing
         pool.create_sync().close()
-    tools = SimpleNamespace(sandbox_pool=pool, web_search=FakeWebSearch(tool_text, shape.tool_s), close=lambda: None)
+    tools = SimpleNamespace(sandbox_pool=None if args.in_actor_sandbox else pool,
+                            web_search=FakeWebSearch(tool_text, shape.tool_s), close=lambda: None)
     times_dir = cfg.run_path / "bench_times"
     baselines_out = cfg.run_path / "baselines.json"
     baselines = {"episodes": args.episodes, "paper_episodes": args.paper_episodes, "concurrency": args.concurrency,
-                 "shape": asdict(shape), "out": str(baselines_out)}
+                 "shape": asdict(shape), "out": str(baselines_out), "extra": args.extra,
+                 "extra_episodes": args.extra_episodes or args.episodes}
     t_call = time.time()
     gen = generate.generate_trajectories(
         cfg, "agent", rows, worker_cls=BenchTeacher, tools=tools,
         worker_kwargs={"bench_steps": shape.steps, "bench_gen_tokens": shape.gen_tokens, "times_dir": str(times_dir),
-                       "baselines": baselines})
+                       "baselines": baselines, "incremental_prompts": not args.full_render,
+                       "grade_in_worker": not args.no_grade})
     t_done = time.time()
     events = [json.loads(x) for p in times_dir.glob("*.jsonl") for x in p.read_text().splitlines()]
     starts = [e["start"] for e in events if "start" in e]
@@ -172,6 +466,7 @@ def run_stage(args, cfg, model_dir: str, shape, tok) -> dict:
     gen_tokens = sum(s.completion_tokens for t in trajs for s in t.steps)
     steps = [s for t in trajs for s in t.steps]
     wall = t_done - min(starts)
+    probes = [json.loads(p.read_text()) for p in times_dir.glob("probe-*.json")]
     t_post = time.perf_counter()
     post = generate.filter_and_build(cfg, "agent", rows)
     post_s = time.perf_counter() - t_post
@@ -193,7 +488,55 @@ def run_stage(args, cfg, model_dir: str, shape, tok) -> dict:
         errors=sorted({t.error for t in trajs if t.error})[:3],
         filter_sft_s=round(post_s, 2), passed=post["report"]["passed"], sft_examples=post["sft"]["count"],
         sft_mean_tokens=post["sft"]["stats"]["mean_tokens"], generation_summary=gen,
+        gen_s_per_step=round(sum(s.gen_s for s in steps) / max(1, len(steps)), 4),
+        settings={"incremental_prompts": not args.full_render, "grade_in_worker": not args.no_grade,
+                  "sandboxes": "in teacher actor" if args.in_actor_sandbox else f"{args.sandbox_actors} pool actors"},
+        probe=probes[0]["probe"] if len(probes) == 1 else [p["probe"] for p in probes],
+        worker_phases=[{k: v for k, v in p.items() if k != "probe"} for p in probes],
     )
+
+
+def diagnosis(runs: list[dict]) -> list[dict]:
+    """One row per variant: the figures that say whether a slower step came from the frontend loop (lag,
+    busy share, CPU) or from the GPU side (prefix-cache misses, preemptions, queueing, inter-token latency)."""
+    rows = []
+    for r in runs:
+        p = r.get("probe")
+        p = p[0] if isinstance(p, list) and p else p
+        if not isinstance(p, dict):
+            continue
+        v = p.get("vllm") or {}
+        rows.append({
+            "variant": r["variant"], "tok_s": r["tok_s"], "gen_s_per_step": r.get("gen_s_per_step"),
+            "lag_p50_ms": p["loop_lag_ms"]["p50"], "lag_p99_ms": p["loop_lag_ms"]["p99"],
+            "lag_max_ms": p["loop_lag_ms"]["max"], "loop_busy": p["loop_busy_share"],
+            "loop_cpu": p.get("loop_thread_cpu_per_wall"), "proc_cpu": p["process_cpu_per_wall"],
+            "prefix_hit": v.get("prefix_cache_hit_rate"), "preempt": v.get("num_preemptions_total"),
+            "prompt_tok": v.get("prompt_tokens_total"), "itl_ms": round(1000 * v["mean_inter_token_latency_seconds"], 2)
+            if v.get("mean_inter_token_latency_seconds") is not None else None,
+            "queue_ms": round(1000 * v["mean_request_queue_time_seconds"], 1)
+            if v.get("mean_request_queue_time_seconds") is not None else None,
+        })
+    return rows
+
+
+def print_diagnosis(rows: list[dict], runs: list[dict]) -> None:
+    if not rows:
+        return
+    cols = list(rows[0])
+    print("diagnosis (loop = the actor's event loop, shared by episodes and vLLM's output handler):", flush=True)
+    print("  " + " ".join(f"{c:>14}" for c in cols), flush=True)
+    for row in rows:
+        print("  " + " ".join(f"{str(row[c]):>14}" for c in cols), flush=True)
+    for r in runs:
+        p = r.get("probe")
+        p = p[0] if isinstance(p, list) and p else p
+        if isinstance(p, dict):
+            print(f"  {r['variant']} hottest loop frames (% of samples): "
+                  + "; ".join(f"{k} {v}" for k, v in p["top_first_own_frame_pct"][:6]), flush=True)
+            if p["other_threads_busy_pct"]:
+                print(f"  {r['variant']} other busy threads: "
+                      + "; ".join(f"{k} {v}" for k, v in p["other_threads_busy_pct"][:4]), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +557,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--run-dir", default="/tmp/raydistill-bench/generate-run")
     p.add_argument("--out", default=os.environ.get("OUT"), help="directory for generate_gpu.json (default $OUT)")
+    p.add_argument("--extra", default="", help="comma list of in-actor variants run after bare/paper, before the "
+                   "stage, same engine: bare_detok (bare with vLLM detokenizing), bare_nosplice (bare re-prefilling "
+                   "its generated blocks like a fixed-action transcript), actor_loop (the stage's episode "
+                   "path, no Ray Data/Parquet), actor_loop_full_render (same, whole conversation re-tokenized)")
+    p.add_argument("--extra-episodes", type=int, default=None, help="episodes per extra variant (default --episodes)")
+    p.add_argument("--full-render", action="store_true", help="stage: old path, re-tokenize the whole conversation")
+    p.add_argument("--no-grade", action="store_true", help="stage: no grading in the actor (the filter grades)")
+    p.add_argument("--in-actor-sandbox", action="store_true", help="stage: sandboxes in the teacher actor, not the pool")
+    p.add_argument("--no-vllm-stats", dest="vllm_stats", action="store_false",
+                   help="GPU: keep vLLM's stat loggers off (no prefix-cache/preemption figures)")
     args = p.parse_args(argv)
+    args.extra = [x for x in args.extra.split(",") if x]
     cpu = args.cpu
     d = dict(episodes=24, paper_episodes=8, concurrency=8, batch_size=4, steps=3, prompt_tokens=400, gen_tokens=16,
              obs_tokens=24, sandbox_actors=1) if cpu else \
@@ -258,7 +612,9 @@ def main(argv: list[str] | None = None) -> int:
               + (f"  ok={r['ok_episodes']}/{r['episodes']}" if "ok_episodes" in r else ""), flush=True)
     by = {r["variant"]: r for r in res["runs"]}
     res["stage_vs_bare"] = round(by["stage"]["tok_s"] / by["bare"]["tok_s"], 3)
-    res["stage_vs_paper"] = round(by["stage"]["tok_s"] / by["paper"]["tok_s"], 2)
+    res["stage_vs_paper"] = round(by["stage"]["tok_s"] / by["paper"]["tok_s"], 2) if "paper" in by else None
+    res["diagnosis"] = diagnosis(res["runs"])
+    print_diagnosis(res["diagnosis"], res["runs"])
     res["targets"] = {"stage_vs_bare": ">= 0.85", "stage_vs_paper": ">= 5"}
     res["python"] = platform.python_version()
     res["when"] = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -26,7 +26,9 @@ import os
 # NVLink multicast stays off on shared multi-GPU hosts (also inherited by Ray workers via ray_init).
 for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
                "TOKENIZERS_PARALLELISM": "false", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-               "RAY_USAGE_STATS_ENABLED": "0"}.items():
+               "RAY_USAGE_STATS_ENABLED": "0",
+               # as raydistill.train.loop.default_env sets in every Ray Train worker: the plain loop matches
+               "TORCH_CUDNN_SDPA_PREFERRED": "0", "TORCH_CUDNN_SDPA_DEPRIORITIZED": "1"}.items():
     os.environ.setdefault(_k, _v)
 
 import argparse  # noqa: E402
@@ -141,12 +143,15 @@ def plain_loop(model_dir: str, rows: list[dict], a: dict, queue) -> None:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        from raydistill.train.attention import resolve_attn_implementation
+        from raydistill.train.attention import check_packed_isolation, describe, resolve_attn_implementation
         from raydistill.train.packing import Sample, loss_sum, pack
 
         gpu = a["gpu"]
         device = torch.device("cuda:0" if gpu else "cpu")
         attn = resolve_attn_implementation("auto", on_gpu=gpu, packing=True)
+        check_packed_isolation(attn, device)  # as the stage: probes torch's varlen kernel, falls back softly
+        attn_path = describe(attn, device)
+        print(f"plain: attention {attn_path}", flush=True)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if gpu else torch.float32,
                                                      attn_implementation=attn).to(device)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -181,7 +186,7 @@ def plain_loop(model_dir: str, rows: list[dict], a: dict, queue) -> None:
                             "loss_tokens": n_targets, "padded_tokens": tokens, "step_time_s": dt,
                             "max_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else 0})
             print(f"plain step {step}: {tokens / dt:.0f} tokens/s", flush=True)
-        queue.put({"metrics": metrics, "attn": attn})
+        queue.put({"metrics": metrics, "attn": attn_path})
     except BaseException as e:  # report, don't hang the parent
         queue.put({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
 
@@ -284,7 +289,12 @@ def main() -> int:
         from raydistill.config.ray import RayConfig
         from raydistill.stages.ray_init import init_ray
 
-        init_ray(RayConfig(num_cpus=4 if args.tiny else None, num_gpus=n_gpus if gpu else 0))
+        try:
+            init_ray(RayConfig(num_cpus=4 if args.tiny else None, num_gpus=n_gpus if gpu else 0))
+        except Exception as e:  # fail soft: record why, still write the report
+            for name, _, _ in ray_cfgs:
+                results[name] = {"error": f"ray init failed: {type(e).__name__}: {str(e)[:500]}"}
+            ray_cfgs = []
         for name, strategy, workers in ray_cfgs:
             if gpu and workers > n_gpus:
                 results[name] = {"error": f"needs {workers} GPUs, have {n_gpus}"}
@@ -296,6 +306,7 @@ def main() -> int:
             try:
                 out = run_ray(name, str(model_dir), f, n, strategy, workers, a, root)
                 results[name] = {"gpus": workers, "strategy": strategy, "wall_s": out["wall_s"],
+                                 "attn": out["metrics"][-1].get("attn") if out["metrics"] else None,
                                  **summarize(out["metrics"], args.warmup, workers)}
             except Exception as e:
                 results[name] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
@@ -320,14 +331,14 @@ def main() -> int:
                                        "shape": shape, "lengths": [lo, hi]},
               "results": results, "derived": derived, "total_s": round(time.time() - t0, 1)}
 
-    print("\n| config | GPUs | tokens/s | tokens/s/GPU | loss-token frac | max mem GB | wall s |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| config | GPUs | tokens/s | tokens/s/GPU | loss-token frac | max mem GB | wall s | attention |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         if "error" in r:
-            print(f"| {name} | - | error: {r['error'][:80]} | | | | |")
+            print(f"| {name} | - | error: {r['error'][:80]} | | | | | |")
         else:
             print(f"| {name} | {r['gpus']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s_per_gpu']:.0f} | "
-                  f"{r['loss_tokens_frac']} | {r['max_memory_gb']} | {r.get('wall_s', '-')} |")
+                  f"{r['loss_tokens_frac']} | {r['max_memory_gb']} | {r.get('wall_s', '-')} | {r.get('attn')} |")
     for k, v in derived.items():
         print(f"{k}: {v}")
     out_dir = Path(args.out)

@@ -315,19 +315,7 @@ class Episode:
 
 
 async def run_episode(
-    engine: Engine,
-    sandbox: SandboxLike | SandboxFactory | None,
-    record: Any,
-    cfg: AgentConfig,
-    *,
-    role: Role = "teacher",
-    tools: Mapping[str, Callable] | list[str] | None = None,
-    sample: int = 0,
-    seed: int | None = None,
-    sag: bool | None = None,
-    ftp: bool | None = None,
-    temperature: float | None = None,
-    on_step: StepCallback | None = None,
+    engine: Engine, sandbox: SandboxLike | SandboxFactory | None, record: Any, cfg: AgentConfig, **options: Any
 ) -> Trajectory:
     """Run one agent episode and return its trajectory (never raises for model or tool misbehaviour).
 
@@ -342,10 +330,9 @@ async def run_episode(
     sag / ftp / temperature: override cfg.sag.enabled / cfg.ftp / cfg.temperature for this episode.
     seed: sampling seed (step k uses seed + k); sample: index stored in the trajectory (k > 1 per question).
     on_step(i, step): called (awaited if async) after each step - streaming in serving.
+    `**options` (role, tools, sample, seed, sag, ftp, temperature, on_step) go to `Episode`, keyword only.
     """
-    ep = Episode(engine, sandbox, record, cfg, role=role, tools=tools, sample=sample, seed=seed, sag=sag,
-                 ftp=ftp, temperature=temperature, on_step=on_step)
-    return await ep.run()
+    return await Episode(engine, sandbox, record, cfg, **options).run()
 
 
 __all__ = ["Action", "Episode", "SandboxLike", "close_sandbox", "run_episode"]

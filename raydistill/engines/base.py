@@ -30,6 +30,12 @@ class PromptTooLongError(EngineError):
     """The prompt alone does not fit the model's context window; the episode ends with this error."""
 
 
+def check_prompt_fits(prompt_tokens: int, max_model_len: int) -> None:
+    """Raise `PromptTooLongError` when a prompt leaves no room to generate (same message in every backend)."""
+    if prompt_tokens >= max_model_len:
+        raise PromptTooLongError(f"prompt has {prompt_tokens} tokens, context window is {max_model_len}")
+
+
 @dataclass
 class SamplingParams:
     """What to sample. `stop` strings are excluded from the returned text (vLLM/OpenAI convention)."""

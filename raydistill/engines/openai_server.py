@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -65,8 +66,11 @@ def build_app(engine: Engine, model_name: str | None = None, default_max_tokens:
         tok = engine.tokenizer
         return tok.decode([tid]) if tok is not None else str(tid)
 
-    async def _run(req: ChatRequest, params: SamplingParams):
+    async def _run(body: _Common, make_request: Callable[[], ChatRequest]):
+        """The request and sampling params from `body`, generated; bad input or an over-long prompt -> 400."""
         try:
+            req = make_request()
+            params = body.params(bool(body.logprobs), default_max_tokens)
             return await engine.generate(req, params)
         except PromptTooLongError as e:
             raise HTTPException(400, f"This model's maximum context length was exceeded: {e}") from e
@@ -90,12 +94,7 @@ def build_app(engine: Engine, model_name: str | None = None, default_max_tokens:
     async def chat(body: _ChatBody) -> dict:
         msgs = [{"role": str(m.get("role")), "content": str(m.get("content") or "")} for m in body.messages]
         cont = bool(body.continue_final_message) or (body.add_generation_prompt is False and msgs[-1]["role"] == "assistant")
-        try:
-            req = ChatRequest(messages=msgs, continue_final_message=cont)
-            params = body.params(bool(body.logprobs), default_max_tokens)
-        except ValueError as e:
-            raise HTTPException(400, str(e)) from e
-        comps = await _run(req, params)
+        comps = await _run(body, lambda: ChatRequest(messages=msgs, continue_final_message=cont))
         choices = []
         for i, c in enumerate(comps):
             ch: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": c.text},
@@ -116,12 +115,7 @@ def build_app(engine: Engine, model_name: str | None = None, default_max_tokens:
             ids = list(engine.tokenizer.encode(body.prompt, add_special_tokens=False))
         else:
             ids = body.prompt
-        try:
-            req = ChatRequest(prompt_token_ids=ids)
-            params = body.params(bool(body.logprobs), default_max_tokens)
-        except ValueError as e:
-            raise HTTPException(400, str(e)) from e
-        comps = await _run(req, params)
+        comps = await _run(body, lambda: ChatRequest(prompt_token_ids=ids))
         choices = []
         for i, c in enumerate(comps):
             ch: dict[str, Any] = {"index": i, "text": c.text, "finish_reason": c.finish_reason,

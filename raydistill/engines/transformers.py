@@ -23,8 +23,8 @@ from raydistill.engines.base import (
     Completion,
     Engine,
     EngineError,
-    PromptTooLongError,
     SamplingParams,
+    check_prompt_fits,
     register_engine,
 )
 from raydistill.engines.rendering import render_prompt_ids, truncate_at_stop
@@ -109,8 +109,7 @@ class TransformersEngine(Engine):
         ids = render_prompt_ids(self.tokenizer, request)
         if not ids:
             raise EngineError("empty prompt")
-        if len(ids) >= self.max_model_len:
-            raise PromptTooLongError(f"prompt has {len(ids)} tokens, context window is {self.max_model_len}")
+        check_prompt_fits(len(ids), self.max_model_len)
         fut = asyncio.get_running_loop().create_future()
         self._state().queue.put_nowait(_Item(ids, params, fut))
         self.counters["requests"] += 1

@@ -21,6 +21,7 @@ from raydistill.engines.base import (
     EngineError,
     PromptTooLongError,
     SamplingParams,
+    check_prompt_fits,
     register_engine,
 )
 from raydistill.engines.rendering import render_prompt_ids
@@ -88,8 +89,7 @@ class VLLMEngine(Engine):
         if self._closed:
             raise EngineError("engine is closed")
         ids = render_prompt_ids(self.tokenizer, request)
-        if len(ids) >= self.max_model_len:
-            raise PromptTooLongError(f"prompt has {len(ids)} tokens, context window is {self.max_model_len}")
+        check_prompt_fits(len(ids), self.max_model_len)
         max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
         vparams = self._vllm_params(params, max_tokens)
         final = None

@@ -384,6 +384,17 @@ def _symbolic_any(pred_ans: str, pred_boxed: bool, golds: list[str], timeout: fl
     return any(_symbolic_with_limit(pred_ans, g, pred_boxed, timeout) for g in golds)
 
 
+def _fast_verdict(pred: Any, gold: Any) -> tuple[bool | None, tuple[str, bool, list[str]]]:
+    """(verdict, args): the verdict when no symbolic comparison is needed; else None and the
+    (pred answer, was boxed, undecided golds) that `_symbolic_any` must decide. ValueError on a bad gold."""
+    prepared = _prepare(pred, gold)
+    if prepared is None:
+        return False, ("", False, [])
+    pred_ans, pred_boxed, golds = prepared
+    fast, pending = _fast_any(pred_ans, golds)
+    return fast, (pred_ans, pred_boxed, pending)
+
+
 # Python-style scientific notation: needs a signed exponent or a decimal point, so `2e` (2 times e) stays
 _SCI_RE = re.compile(r"(?<![\w.^_])(?:\d+\.\d*|\.\d+|\d+(?=[eE][-+]))[eE][-+]?\d{1,3}(?![\w.])")
 
@@ -418,26 +429,18 @@ def math_equal(pred: Any, gold: Any, *, timeout: float | None = None) -> bool:
     `gold`: the gold answer (str or number), or a list of acceptable answers; empty -> ValueError.
     `timeout`: seconds for each symbolic comparison (default DEFAULT_TIMEOUT_S); past it, not equal.
     """
-    prepared = _prepare(pred, gold)
-    if prepared is None:
-        return False
-    pred_ans, pred_boxed, golds = prepared
-    fast, pending = _fast_any(pred_ans, golds)
+    fast, args = _fast_verdict(pred, gold)
     if fast is not None:
         return fast
-    return _symbolic_any(pred_ans, pred_boxed, pending, timeout)
+    return _symbolic_any(*args, timeout)
 
 
 async def amath_equal(pred: Any, gold: Any, *, timeout: float | None = None) -> bool:
     """`math_equal` for event-loop code (agent episodes, Serve replicas): the wait runs in a thread."""
-    prepared = _prepare(pred, gold)
-    if prepared is None:
-        return False
-    pred_ans, pred_boxed, golds = prepared
-    fast, pending = _fast_any(pred_ans, golds)
+    fast, args = _fast_verdict(pred, gold)
     if fast is not None:
         return fast
-    return await asyncio.to_thread(_symbolic_any, pred_ans, pred_boxed, pending, timeout)
+    return await asyncio.to_thread(_symbolic_any, *args, timeout)
 
 
 def math_equal_many(preds: Sequence[Any], golds: Sequence[Any], *, timeout: float | None = None,
@@ -449,17 +452,13 @@ def math_equal_many(preds: Sequence[Any], golds: Sequence[Any], *, timeout: floa
     pending: list[tuple[int, str, bool, list[str]]] = []
     for i, (p, g) in enumerate(zip(preds, golds, strict=True)):
         try:
-            prepared = _prepare(p, g)
+            fast, args = _fast_verdict(p, g)
         except ValueError as e:
             raise ValueError(f"math_equal_many: pair {i}: {e}") from e
-        if prepared is None:
-            out[i] = False
-            continue
-        fast, todo = _fast_any(prepared[0], prepared[2])
         if fast is not None:
             out[i] = fast
         else:
-            pending.append((i, prepared[0], prepared[1], todo))
+            pending.append((i, *args))
     if pending:
         n = max_workers or get_pool().size
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="math-equal") as ex:

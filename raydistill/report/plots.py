@@ -33,31 +33,44 @@ def _values(s: Series, benchmarks: list[str]) -> list[float | None]:
     return [*vals, None if macro is None else _pct(macro)]
 
 
-def accuracy_by_benchmark(series: list[Series], benchmarks: list[str], path: Path) -> Path:
-    """Grouped bars: one group per benchmark (plus the macro average), one bar per (model, mode)."""
-    groups = [*benchmarks, "average"]
-    k = max(len(series), 1)
+def _bar_series(ax, slot: int, k: int, vals: list[float | None], labelled: bool, **style) -> None:
+    """Bar `slot` of the `k` bars in every group (one group per value); `labelled` writes the values on top."""
     width = 0.8 / k
-    fig, ax = plt.subplots(figsize=(min(16.0, max(8.0, 0.9 * len(groups) * max(1.0, k / 4))), 4.8))
-    cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
-    for i, s in enumerate(series):
-        vals = _values(s, benchmarks)
-        xs = [g + (i - (k - 1) / 2) * width for g in range(len(groups))]
-        bars = ax.bar(xs, [v or 0.0 for v in vals], width=width * 0.95, label=s.name, color=cmap(i % cmap.N),
-                      hatch=_MODE_HATCH.get(s.mode, ""), edgecolor="black", linewidth=0.4)
-        if len(series) * len(groups) <= 60:
-            _label_bars(ax, bars, vals)
+    xs = [g + (slot - (k - 1) / 2) * width for g in range(len(vals))]
+    bars = ax.bar(xs, [v or 0.0 for v in vals], width=width * 0.95, edgecolor="black", linewidth=0.4, **style)
+    if labelled:
+        _label_bars(ax, bars, vals)
+
+
+def _finish_grouped(fig, ax, groups: list[str], k: int, title: str, path: Path) -> Path:
+    """Axes, legend and file of a grouped accuracy bar chart with `k` bars per group."""
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 108)
-    ax.set_title("Accuracy per benchmark")
+    ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=min(k, 4), loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def accuracy_by_benchmark(series: list[Series], benchmarks: list[str], path: Path) -> Path:
+    """Grouped bars: one group per benchmark (plus the macro average), one bar per (model, mode)."""
+    groups = [*benchmarks, "average"]
+    k = max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(min(16.0, max(8.0, 0.9 * len(groups) * max(1.0, k / 4))), 4.8))
+    cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
+    for i, s in enumerate(series):
+        _bar_series(ax, i, k, _values(s, benchmarks), k * len(groups) <= 60, label=s.name, color=cmap(i % cmap.N),
+                    hatch=_MODE_HATCH.get(s.mode, ""))
+    return _finish_grouped(fig, ax, groups, k, "Accuracy per benchmark", path)
 
 
 def accuracy_vs_size(series: list[Series], benchmarks: list[str], path: Path) -> Path | None:
@@ -83,10 +96,7 @@ def accuracy_vs_size(series: list[Series], benchmarks: list[str], path: Path) ->
     ax.set_title("Accuracy vs model size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def sag_on_off(series: list[Series], benchmarks: list[str], path: Path) -> Path | None:
@@ -98,28 +108,11 @@ def sag_on_off(series: list[Series], benchmarks: list[str], path: Path) -> Path 
         return None
     groups = [*benchmarks, "average"]
     k = 2 * len(models)
-    width = 0.8 / k
     fig, ax = plt.subplots(figsize=(max(7.0, 1.0 * len(groups)), 4.0))
     cmap = plt.get_cmap("tab10")
     for j, m in enumerate(models):
         for h, mode in enumerate(("agent", "agent_sag")):
-            s = by_key[(m, mode)]
-            vals = _values(s, benchmarks)
-            i = 2 * j + h
-            xs = [g + (i - (k - 1) / 2) * width for g in range(len(groups))]
-            bars = ax.bar(xs, [v or 0.0 for v in vals], width=width * 0.95, color=cmap(j % 10),
-                          alpha=1.0 if h else 0.55, hatch="//" if h else "", edgecolor="black", linewidth=0.4,
-                          label=f"{m}: sag {'on' if h else 'off'}")
-            if k * len(groups) <= 60:
-                _label_bars(ax, bars, vals)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 108)
-    ax.set_title("Self-consistent action generation: off vs on")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=min(k, 4), loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+            _bar_series(ax, 2 * j + h, k, _values(by_key[(m, mode)], benchmarks), k * len(groups) <= 60,
+                        color=cmap(j % 10), alpha=1.0 if h else 0.55, hatch="//" if h else "",
+                        label=f"{m}: sag {'on' if h else 'off'}")
+    return _finish_grouped(fig, ax, groups, k, "Self-consistent action generation: off vs on", path)

@@ -21,6 +21,7 @@ from raydistill.sandbox.guest.protocol import HEADER, encode
 
 _CREDS = struct.Struct("iII")
 _ANC = socket.CMSG_SPACE(_CREDS.size) + socket.CMSG_SPACE(4 * 8)
+_READ = 1 << 16
 
 
 class ChannelClosed(Exception):
@@ -77,7 +78,7 @@ class AsyncChannel:
     def _on_readable(self) -> None:
         for _ in range(16):
             try:
-                data, anc, flags, _ = self.sock.recvmsg(1 << 16, _ANC)
+                data, anc, flags, _ = self.sock.recvmsg(_READ, _ANC)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
@@ -110,6 +111,8 @@ class AsyncChannel:
             self._buf += data
             if not self._parse():
                 return
+            if len(data) < _READ:  # drained (more data wakes us again): spare the EAGAIN read
+                break
         if self._queue:
             self._wake()
 

@@ -25,7 +25,7 @@ from collections import OrderedDict, deque
 from typing import Any
 
 from raydistill.config.sandbox import LEVELS, SandboxConfig
-from raydistill.sandbox import launch
+from raydistill.sandbox import cgroups, launch
 from raydistill.sandbox.channel import AsyncChannel, ChannelClosed, ProtocolViolation, make_pair
 from raydistill.sandbox.proc import Proc, SandboxProcessError
 
@@ -156,7 +156,7 @@ class Zygote:
         return {"level": self.level, "namespaces": self.mode == "bwrap", "seccomp": self.seccomp,
                 "landlock_abi": int(self.info.get("landlock_abi") or 0) if self.landlock else 0,
                 "uid": self.info.get("uid"), "python": self.info.get("python"),
-                "zygote_pid": self.popen.pid if self.popen else None}
+                "zygote_pid": self.popen.pid if self.popen else None, **cgroups.memory_cap_status()}
 
     # -- families --------------------------------------------------------------------------------------
     async def new_family(self, spec: dict, timeout: float) -> tuple[Family, Proc]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import itertools
 import json
 import keyword
 import logging
@@ -33,6 +34,9 @@ log = logging.getLogger("raydistill.sandbox")
 RESERVED_NAMES = frozenset({"final_answer", "ToolError", "__builtins__", "__name__", "__doc__"})
 RESTORED = "Variables were restored to their state before this step."
 RESTARTED = "The interpreter was restarted empty: variables from earlier steps are lost."
+_VERSIONS = itertools.count(1)
+"""State versions: a box's `version` changes whenever its interpreter's state may change (a step, a fresh
+start); a snapshot records the version it copied, so `snapshot.version == box.version` means "identical"."""
 
 
 @dataclass
@@ -107,12 +111,44 @@ async def _await_on(aw, loop: asyncio.AbstractEventLoop | None):
 
 
 class _Snapshot:
-    """A forked copy of a committed state, never used to run code; shared (refcounted) by forks."""
+    """A forked copy of a committed state, never used to run code; shared (refcounted) by forks.
 
-    def __init__(self, proc: Proc, step: int):
+    It may be a placeholder (proc None, `ready` pending) while the interpreter forks it in the background;
+    holders that need the process await `wait()` and find `proc` None if making it failed."""
+
+    def __init__(self, proc: Proc | None, step: int, version: int, loop: asyncio.AbstractEventLoop | None = None):
         self.proc = proc
         self.step = step
+        self.version = version
         self.refs = 1
+        self.ready: asyncio.Future | None = loop.create_future() if proc is None else None
+
+    @property
+    def pending(self) -> bool:
+        return self.ready is not None and not self.ready.done()
+
+    @property
+    def usable(self) -> bool:
+        return self.proc is not None and self.proc.alive
+
+    async def wait(self) -> None:
+        if self.pending:
+            await asyncio.shield(self.ready)
+
+    def fill(self, proc: Proc, family: Family) -> None:
+        """The placeholder's process registered."""
+        if self.refs <= 0 or not self.pending:  # every holder let go meanwhile
+            family.discard(proc)
+            proc.kill()
+            proc.close()
+        else:
+            self.proc = proc
+        self.fail()
+
+    def fail(self) -> None:
+        """No process will come (or it came): wake the waiters."""
+        if self.pending:
+            self.ready.set_result(None)
 
     def acquire(self) -> _Snapshot:
         self.refs += 1
@@ -120,7 +156,7 @@ class _Snapshot:
 
     def release(self, family: Family | None) -> None:
         self.refs -= 1
-        if self.refs <= 0:
+        if self.refs <= 0 and self.proc is not None:
             if family is not None:
                 family.discard(self.proc)
             self.proc.kill()
@@ -140,6 +176,7 @@ class _Box:
         self.active: Proc | None = None
         self.snapshot: _Snapshot | None = None
         self.steps = 0
+        self.version = next(_VERSIONS)
         self.closed = False
         self.needs_restore = False
         self.lock: asyncio.Lock | None = None
@@ -170,11 +207,13 @@ class _Box:
             self._ready.set()
 
     def adopt(self, parent: _Box, active: Proc) -> None:
-        """Become a fork of `parent` (called on the hub loop)."""
+        """Become a fork of `parent` (called on the hub loop): same state, so the same snapshot."""
         self._init_loop_state()
         self.zygote, self.family, self.active = parent.zygote, parent.family, active
         self.snapshot = parent.snapshot.acquire() if parent.snapshot is not None else None
         self.steps = parent.steps
+        self.version = parent.version
+        self._snap_missing = parent._snap_missing
         self.family.acquire()
         self._ready.set()
 
@@ -231,15 +270,19 @@ class _Box:
         task = self._snap_task
         if task is not None and not task.done():
             await asyncio.shield(task)
-        if self.snapshot is not None and self.snapshot.proc.alive:
+        if self.snapshot is not None:
+            await self.snapshot.wait()
+        if self.snapshot is not None and self.snapshot.usable:
             try:
                 (self.active,) = await self._fork_from(self.snapshot.proc, "active", 1)
+                self.version = self.snapshot.version
                 return None if self.snapshot.step == self.steps else (
                     f"The interpreter was restored to its state after step {self.snapshot.step} (later state lost).")
             except SandboxError as e:
                 log.warning("sandbox: restoring from snapshot failed (%s); starting fresh", e)
         try:
             self.active = await self.family.spawn(self.cfg.start_timeout_s)
+            self.version = next(_VERSIONS)
         except SandboxError as e:
             raise SandboxError(f"the sandbox was lost (its family of processes is gone: {e})") from None
         if self.snapshot is not None:
@@ -307,9 +350,11 @@ class _Box:
             if self.closed:
                 raise SandboxError("the sandbox is closed")
             notice = await self._ensure_active()
-            if self._snap_missing:
+            if self._snap_missing or (self.snapshot is not None and not self.snapshot.pending
+                                      and not self.snapshot.usable):
                 await self._settle()
             x = self.active
+            self.version = next(_VERSIONS)  # the step may change the state from here on
             fds = []
             if self.cfg.snapshots:
                 snap_host, snap_guest = make_pair()
@@ -337,7 +382,7 @@ class _Box:
                     return res
                 handed_off = True  # _after_step ends x's fork mark and releases the lock
                 sh, snap_host = snap_host, None
-                self._bg = self.hub.loop.create_task(self._after_step(x, sh))
+                self._bg = self.hub.loop.create_task(self._after_step(x, sh, self.steps, self.version))
                 return res
             # hard failure: the process is killed and replaced
             if snap_host is not None:
@@ -488,12 +533,14 @@ class _Box:
             res = await _await_on(res, caller_loop)
         return res
 
-    async def _after_step(self, x: Proc, snap_host) -> None:
-        """Wrap up a completed step while the caller already has its result. Holds the box lock only until
-        the interpreter confirms it forked its snapshot (it cannot start the next step before that anyway);
-        registering the snapshot and sweeping strays continue in the background."""
+    async def _after_step(self, x: Proc, snap_host, step: int, version: int,
+                          placeholder: _Snapshot | None = None) -> None:
+        """Wrap up a completed step (or a fork that gave the snapshot away) while the caller already has its
+        result. Holds the box lock only until the interpreter confirms it forked its snapshot (it cannot start
+        the next step before that anyway); registering the snapshot (into `placeholder` when given) and
+        sweeping strays continue in the background."""
         fam = self.family
-        marked = True  # run() marked x as forking
+        marked = True  # the caller marked x as forking
         adopting = False
         try:
             try:
@@ -511,7 +558,7 @@ class _Box:
                 await self._restore()
                 return
             if ack.get("ok"):
-                self._snap_task = self.hub.loop.create_task(self._adopt(x, snap_host, self.steps))
+                self._snap_task = self.hub.loop.create_task(self._adopt(x, snap_host, step, version, placeholder))
                 snap_host, marked, adopting = None, False, True
                 return
             # the fork failed inside the interpreter (usually: process budget full of strays)
@@ -528,31 +575,39 @@ class _Box:
                 snap_host.close()
             if marked and fam is not None:
                 fam.end_fork(x)
+            if placeholder is not None and not adopting:
+                placeholder.fail()  # holders of the placeholder see no process and make their own
             self.lock.release()
             if not adopting and fam is not None and fam.ns and not self.closed:
                 fam.request_sweep()
 
-    async def _adopt(self, x: Proc, snap_host, step: int) -> None:
+    async def _adopt(self, x: Proc, snap_host, step: int, version: int, placeholder: _Snapshot | None) -> None:
         """Register the snapshot the interpreter forked (runs concurrently with the next step)."""
         fam = self.family
         try:
             proc = await Proc.accept(snap_host, self.hub.loop, role="snapshot", max_frame=fam.spec["host_max_frame"],
                                      timeout=self.cfg.start_timeout_s, min_ns_depth=2 if fam.ns else 1)
             fam.add(proc)
-            if self.closed or (self.snapshot is not None and self.snapshot.step > step):
+            if placeholder is not None:
+                placeholder.fill(proc, fam)
+                self._snap_missing = False
+                return
+            if self.closed or (self.snapshot is not None and self.snapshot.version > version):
                 self._drop(proc)  # closed meanwhile, or a later step's snapshot registered first
                 return
-            self._set_snapshot(proc, step)
+            self._set_snapshot(proc, step, version)
             self._snap_missing = False
         except (SandboxProcessError, asyncio.CancelledError):
             self._snap_missing = True  # redone under the lock before the state is needed
         finally:
+            if placeholder is not None:
+                placeholder.fail()
             fam.end_fork(x)
             if fam.ns and not self.closed:
                 fam.request_sweep()
 
-    def _set_snapshot(self, proc: Proc, step: int) -> None:
-        old, self.snapshot = self.snapshot, _Snapshot(proc, step)
+    def _set_snapshot(self, proc: Proc, step: int, version: int) -> None:
+        old, self.snapshot = self.snapshot, _Snapshot(proc, step, version)
         if old is not None:
             old.release(self.family)
 
@@ -560,7 +615,7 @@ class _Box:
         """Snapshot the (idle) interpreter now; called with the box lock held."""
         try:
             (proc,) = await self._fork_from(x, "snapshot", 1)
-            self._set_snapshot(proc, self.steps)
+            self._set_snapshot(proc, self.steps, self.version)
             self._snap_missing = False
         except SandboxError as e:
             self._snap_missing = True
@@ -571,17 +626,27 @@ class _Box:
         task = self._snap_task
         if task is not None and not task.done():
             await asyncio.shield(task)
-        if self._snap_missing and self.active is not None and self.active.alive and self.cfg.snapshots:
+        snap = self.snapshot
+        if snap is not None:
+            await snap.wait()
+        lost = snap is not None and not snap.usable
+        if (self._snap_missing or lost) and self.active is not None and self.active.alive and self.cfg.snapshots:
             await self._resnapshot(self.active)
 
     # -- forking and closing ---------------------------------------------------------------------------
     async def fork(self, n: int) -> list[_Box]:
         await self._wait_ready()
-        async with self.lock:
+        await self.lock.acquire()
+        handed_off = False
+        try:
             if self.closed:
                 raise SandboxError("the sandbox is closed")
             await self._ensure_active()
             await self._settle()
+            snap = self.snapshot
+            if n == 1 and snap is not None and snap.usable and snap.refs == 1 and snap.version == self.version:
+                handed_off = True  # _after_step releases the lock
+                return [await self._fork_by_takeover(snap)]
             procs = await self._fork_from(self.active, "active", n)
             boxes = []
             for p in procs:
@@ -589,6 +654,38 @@ class _Box:
                 b.adopt(self, p)
                 boxes.append(b)
             return boxes
+        finally:
+            if not handed_off:
+                self.lock.release()
+
+    async def _fork_by_takeover(self, snap: _Snapshot) -> _Box:
+        """The fast fork (lock held; released by the background part): the snapshot already is a forked copy
+        of exactly this state, registered and confined, so it becomes the child's interpreter at once. The
+        parent then forks a new snapshot in the background, which parent and child share (as forks do) --
+        the fork's process work leaves the critical path."""
+        proc = snap.proc
+        snap.proc = None  # ours now: releasing the old record must not kill it
+        snap.release(self.family)
+        x = self.active
+        placeholder = _Snapshot(None, self.steps, self.version, self.hub.loop)
+        self.snapshot = placeholder
+        snap_host, snap_guest = make_pair()
+        self.family.begin_fork(x)
+        proc.role = proc.chan.name = "active"
+        try:
+            await proc.chan.send({"op": "activate"})
+        except ChannelClosed:
+            proc.kill()  # the child restores from the new snapshot on its first step
+        try:
+            await x.chan.send({"op": "fork", "role": "snapshot"}, [snap_guest.fileno()])
+        except ChannelClosed:
+            pass  # _after_step sees the dead process
+        finally:
+            snap_guest.close()
+        self._bg = self.hub.loop.create_task(self._after_step(x, snap_host, self.steps, self.version, placeholder))
+        child = _Box(self.hub, self.cfg, self.tools)
+        child.adopt(self, proc)
+        return child
 
     async def close(self) -> None:
         if self._ready is None:
@@ -615,7 +712,7 @@ class _Box:
     def info(self) -> dict:
         d = self.zygote.details() if self.zygote is not None else {}
         d.update(steps=self.steps, pid=self.active.pid if self.active else None,
-                 snapshot_pid=self.snapshot.proc.pid if self.snapshot else None,
+                 snapshot_pid=self.snapshot.proc.pid if self.snapshot and self.snapshot.proc else None,
                  warden_pid=self.family.warden.pid if self.family else None)
         return d
 

@@ -27,6 +27,7 @@ from raydistill.agent.trajectory import Step, Trajectory
 from raydistill.config.agent import AgentConfig, SagConfig
 from raydistill.config.serve import ServeConfig
 from raydistill.data.records import Record
+from raydistill.engines.base import PromptTooLongError
 from raydistill.serving.middleware import ApiKeyMiddleware, BodyLimitMiddleware, error_payload, key_digest
 from raydistill.serving.models import (
     ChatChoice,
@@ -174,9 +175,19 @@ def create_app(backend: SolveBackend, serve_cfg: ServeConfig, agent_cfg: AgentCo
                             status_code=500)
 
     # ---------------------------------------------------------------- routes
-    @app.get("/healthz", summary="Liveness and readiness, with episode counters")
-    async def healthz() -> dict:
-        details = await backend.health()
+    @app.get("/healthz", summary="Liveness and readiness, with episode counters",
+             description="Open to probes without the API key. With a key configured, a caller without it gets "
+                         "only `{\"status\"}`; the details (engine, adapter, counters) need the key. 503 while "
+                         "the engine or sandboxes do not answer.")
+    async def healthz(request: Request):
+        try:
+            details = await backend.health()
+        except Exception as e:
+            log.warning("health check failed: %s: %s", type(e).__name__, e)
+            return JSONResponse({"status": "unavailable", **error_payload(503, "backend not ready", "unavailable")},
+                                status_code=503)
+        if api_key and not getattr(request.state, "api_key_ok", False):
+            return {"status": "ok"}
         return {"status": "ok", "model": backend.model_name, "episodes": counters.as_dict(), **details}
 
     @app.get("/v1/models", summary="The served model (OpenAI-compatible)")
@@ -301,8 +312,8 @@ def create_app(backend: SolveBackend, serve_cfg: ServeConfig, agent_cfg: AgentCo
                                                  timeout=serve_cfg.request_timeout_s)
         except TimeoutError:
             raise HTTPException(504, f"completion did not finish within {serve_cfg.request_timeout_s}s") from None
-        except ValueError as e:  # the engine rejects the input (e.g. prompt longer than the context)
-            raise HTTPException(422, str(e)) from None
+        except (ValueError, PromptTooLongError) as e:  # the engine rejects the input (e.g. longer than the context)
+            raise HTTPException(422, _cause_message(e)) from None
         choices = [ChatChoice(index=i, message={"role": "assistant", "content": c.text},
                               finish_reason=_finish(c.finish_reason)) for i, c in enumerate(completions)]
         prompt_tokens = completions[0].prompt_tokens if completions else 0
@@ -322,6 +333,13 @@ def create_app(backend: SolveBackend, serve_cfg: ServeConfig, agent_cfg: AgentCo
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
     return app
+
+
+def _cause_message(e: BaseException) -> str:
+    """The engine's own message: under Ray Serve the error arrives wrapped (a RayTaskError that is also an instance
+    of the cause's class) whose str() holds a remote traceback; `cause` is the original exception."""
+    cause = getattr(e, "cause", None)
+    return str(cause if isinstance(cause, BaseException) else e)
 
 
 def _finish(reason: str | None) -> str | None:

@@ -89,7 +89,9 @@ def key_digest(api_key: str) -> str:
 
 
 class ApiKeyMiddleware:
-    """`Authorization: Bearer <key>` on every route except health and the API docs."""
+    """`Authorization: Bearer <key>` on every route except health and the API docs. On those open routes the
+    outcome is left in `request.state.api_key_ok`, so /healthz can answer probes without the key but show its
+    details (engine, adapter, counters) only to a caller that has it."""
 
     OPEN_PATHS = ("/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
 
@@ -104,13 +106,18 @@ class ApiKeyMiddleware:
         root = scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):]
-        if scope["type"] != "http" or (path.rstrip("/") or "/") in self.OPEN_PATHS or scope.get("method") == "OPTIONS":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         got = dict(scope.get("headers") or []).get(b"authorization", b"")
         scheme, _, token = got.partition(b" ")
-        ok = scheme.lower() == b"bearer" and token and hmac.compare_digest(
-            hashlib.sha256(token.strip()).hexdigest().encode(), self.expected)
+        ok = bool(scheme.lower() == b"bearer" and token and hmac.compare_digest(
+            hashlib.sha256(token.strip()).hexdigest().encode(), self.expected))
+        if (path.rstrip("/") or "/") in self.OPEN_PATHS or scope.get("method") == "OPTIONS":
+            # open, but the route may show less to an unauthenticated caller (/healthz: status only)
+            scope.setdefault("state", {})["api_key_ok"] = ok
+            await self.app(scope, receive, send)
+            return
         if not ok:
             reason = "missing Authorization header" if not got else "invalid API key"
             await send_json_error(send, 401, f"{reason}: send `Authorization: Bearer <key>`", "unauthorized",

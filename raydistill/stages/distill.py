@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 LOCK = ".distill.lock"
 
-# Config keys that change how fast or where a stage runs, not what it writes: excluded from fingerprints.
+# Config keys that change how fast or where a stage runs, not what it writes: excluded from fingerprints (by
+# name, at any depth). A stage whose own `is_done` still keys on one of them is skipped anyway when its
+# manifest record has this fingerprint and `is_done` holds under the resource values it was made with.
 RESOURCE_KEYS = frozenset({
     "num_workers", "num_cpus", "num_gpus", "num_actors", "cpus_per_worker", "gpus_per_worker", "use_gpu",
     "episodes_per_worker", "batch_size", "shard_rows", "concurrency", "max_concurrency", "max_batch_size",
@@ -46,23 +48,28 @@ RESOURCE_KEYS = frozenset({
     "flush_interval_s", "progress_interval_s", "worker_num_cpus", "on_config_change", "enforce_eager",
     "api_key_env", "endpoint_api_key_env", "judge_api_key_env", "micro_batch_size", "gradient_checkpointing",
     "attn_implementation", "packing", "max_tokens_per_batch", "max_failures", "shuffle_buffer",
-    "server_num_cpus", "server_num_gpus", "index_device", "start_timeout_s",
+    "server_num_cpus", "server_num_gpus", "index_device", "start_timeout_s", "warm_sandboxes", "idle_timeout_s",
+    "cpu_threads", "max_lora_rank", "cache_size", "ingest", "pad_to_multiple_of", "include_dashboard",
+    "object_store_memory",
     # Additive lists: each kind/mode has its own output dir, and the stage's own is_done sees a missing one.
     "kinds", "modes",
 })
+
+# Resource keys whose recorded value is NOT put back when checking a stage under its recorded resources.
+_NOT_RESTORED = frozenset({"kinds", "modes", "on_config_change"})
 
 # Which parts of the config shape each stage's output. True = the whole section (minus RESOURCE_KEYS).
 STAGE_INPUTS: dict[str, dict[str, Any]] = {
     # What the index stage itself keys its output on (seed only matters to IVF training: left out).
     "index": {"retrieval": ("corpus", "embedder", "max_length", "index_type", "index_dir", "shard_size", "fp16",
-                            "ivf_nlist", "pq_m", "pq_nbits", "train_size", "hnsw_m", "hnsw_ef_construction")},
+                            "cpu_bf16", "ivf_nlist", "pq_m", "pq_nbits", "train_size", "hnsw_m", "hnsw_ef_construction")},
     "generate": {"seed": True, "data": ("train_sets", "limit", "strict"), "teacher": True, "agent": True,
-                 "sandbox": True, "retrieval": ("enabled", "top_k", "nprobe", "hnsw_ef_search"), "generate": True,
+                 "sandbox": True, "retrieval": ("enabled", "top_k", "nprobe", "hnsw_ef_search", "refine_factor"), "generate": True,
                  "sft": True,
                  "student": ("model", "tokenizer")},
     "train": {"seed": True, "student": ("model", "tokenizer", "dtype"), "train": True},
     "evaluate": {"seed": True, "data": ("test_sets", "limit", "strict"), "student": True, "agent": True,
-                 "sandbox": True, "retrieval": ("enabled", "top_k", "nprobe", "hnsw_ef_search"), "evaluate": True},
+                 "sandbox": True, "retrieval": ("enabled", "top_k", "nprobe", "hnsw_ef_search", "refine_factor"), "evaluate": True},
 }
 UPSTREAM: dict[str, tuple[str, ...]] = {
     "index": (), "generate": ("index",), "train": ("generate",), "evaluate": ("index", "train"),
@@ -363,7 +370,7 @@ def plan(cfg: RootConfig, dcfg: DistillConfig | None = None) -> list[dict[str, A
             rec = manifest.stages.get(stage) if manifest else None
             if rec and rec.get("fingerprint") not in (None, fps[stage]):
                 row["action"] = "stale"
-            elif _stage_done(stage, cfg):
+            elif _stage_done(stage, cfg, rec, fps[stage]):
                 row["action"] = "skip"
             elif stage in dcfg.stages:
                 row["action"] = "run"
@@ -373,12 +380,49 @@ def plan(cfg: RootConfig, dcfg: DistillConfig | None = None) -> list[dict[str, A
     return rows
 
 
-def _stage_done(stage: str, cfg: RootConfig) -> bool:
+def with_recorded_resources(cfg: RootConfig, recorded: dict[str, Any] | None) -> RootConfig | None:
+    """`cfg` with the RESOURCE_KEYS values of `recorded` (a config dump) put back; None if nothing differs."""
+    if not recorded:
+        return None
+    tree = cfg.model_dump(mode="json")
+    changed = False
+
+    def restore(cur: dict[str, Any], old: dict[str, Any]) -> None:
+        nonlocal changed
+        for key, value in old.items():
+            if key not in cur:
+                continue
+            if key in RESOURCE_KEYS and key not in _NOT_RESTORED:
+                if cur[key] != value:
+                    cur[key], changed = value, True
+            elif isinstance(value, dict) and isinstance(cur[key], dict):
+                restore(cur[key], value)
+
+    restore(tree, recorded)
+    if not changed:
+        return None
     try:
-        module = load_stage(stage)
-    except DistillError:
+        return type(cfg).model_validate(tree)
+    except ValueError:
+        return None
+
+
+def _stage_done(stage: str, cfg: RootConfig, rec: dict[str, Any] | None = None, fp: str | None = None,
+                module: Any = None) -> bool:
+    """The stage's own `is_done(cfg)`; failing that, with a manifest record of the same fingerprint, its
+    `is_done` under the resource settings the output was made with (a stage that keys its output on, say,
+    the sandbox pool size is not redone because the job came back with more sandboxes)."""
+    if module is None:
+        try:
+            module = load_stage(stage)
+        except DistillError:
+            return False
+    if module.is_done(cfg):
+        return True
+    if not rec or fp is None or rec.get("fingerprint") != fp or rec.get("status") != "done":
         return False
-    return bool(module.is_done(cfg))
+    old = with_recorded_resources(cfg, rec.get("config"))
+    return old is not None and bool(module.is_done(old))
 
 
 def run(cfg: RootConfig, dcfg: DistillConfig | None = None) -> dict[str, Any]:
@@ -409,7 +453,7 @@ def run(cfg: RootConfig, dcfg: DistillConfig | None = None) -> dict[str, Any]:
         try:
             _check_fingerprints(manifest, cfg, dcfg, fps)
             selected = [s for s in PIPELINE if s in dcfg.stages]
-            _check_selection(cfg, selected)
+            _check_selection(cfg, selected, manifest, fps)
             for i, stage in enumerate(PIPELINE, 1):
                 tag = f"{i}/{len(PIPELINE)} {stage}"
                 entry = _run_stage(stage, tag, cfg, manifest, fps, selected, ensure_ray)
@@ -439,12 +483,24 @@ def run(cfg: RootConfig, dcfg: DistillConfig | None = None) -> dict[str, Any]:
 
 
 def _cluster_info() -> dict[str, Any]:
+    """Cluster resources, and the WORKER_ENV variables as a Ray worker sees them (proof they reach workers)."""
     try:
         import ray
 
-        return {"resources": ray.cluster_resources(), "nodes": len(ray.nodes())}
+        from raydistill.stages.ray_init import WORKER_ENV
+
+        info: dict[str, Any] = {"resources": ray.cluster_resources(), "nodes": len(ray.nodes())}
     except Exception as e:  # informational only
         return {"error": str(e)}
+    try:
+        @ray.remote(num_cpus=0)
+        def probe(keys: list[str]) -> dict[str, str | None]:
+            return {k: os.environ.get(k) for k in keys}
+
+        info["worker_env"] = ray.get(probe.remote(sorted(WORKER_ENV)), timeout=120)
+    except Exception as e:  # informational only
+        info["worker_env"] = {"error": f"{type(e).__name__}: {e}"}
+    return info
 
 
 def _start_job(manifest: Manifest, cfg: RootConfig, dcfg: DistillConfig) -> dict[str, Any]:
@@ -494,13 +550,13 @@ def _check_fingerprints(manifest: Manifest, cfg: RootConfig, dcfg: DistillConfig
         return
 
 
-def _check_selection(cfg: RootConfig, selected: list[str]) -> None:
+def _check_selection(cfg: RootConfig, selected: list[str], manifest: Manifest, fps: dict[str, str]) -> None:
     """Every selected stage's inputs are either produced by this job or already done (before running any)."""
     for stage in selected:
         for up in UPSTREAM[stage]:
             if up in selected or (up == "index" and not index_needed(cfg)):
                 continue
-            if not _stage_done(up, cfg):
+            if not _stage_done(up, cfg, manifest.stages.get(up), fps[up]):
                 raise DistillError(f"{stage} needs the output of {up!r}, which is not done in {cfg.run_path} "
                                    f"and not in distill.stages {selected}; add it (--stages)")
 
@@ -512,11 +568,12 @@ def _run_stage(stage: str, tag: str, cfg: RootConfig, manifest: Manifest, fps: d
         return {"action": "disabled"}
     rec = manifest.stages.get(stage) or {}
     module = load_stage(stage)
-    if module.is_done(cfg):
+    if _stage_done(stage, cfg, rec, fps[stage], module):
         if not rec:
             log.warning("%s: output already in %s but not in the manifest (made by `raydistill %s`?); adopting it",
                         stage, cfg.run_path, stage)
             rec = manifest.stages[stage] = {"status": "done", "adopted": True}
+        rec.setdefault("config", cfg.model_dump(mode="json"))  # the config its output was made with (kept)
         rec.update(fingerprint=fps[stage], inputs=stage_inputs(cfg, stage), status="done", skipped_at=_now())
         _say(f"{tag}: skipped (done for this config, fingerprint {fps[stage]})")
         return {"action": "skipped"}
@@ -526,7 +583,8 @@ def _run_stage(stage: str, tag: str, cfg: RootConfig, manifest: Manifest, fps: d
     ensure_ray()
     _say(f"{tag}: running (fingerprint {fps[stage]})")
     rec = manifest.stages[stage] = {"status": "running", "fingerprint": fps[stage],
-                                    "inputs": stage_inputs(cfg, stage), "started": _now()}
+                                    "inputs": stage_inputs(cfg, stage), "config": cfg.model_dump(mode="json"),
+                                    "started": _now()}
     manifest.save()
     t0 = time.perf_counter()
     try:

@@ -252,13 +252,14 @@ class Progress:
                 self.skipped += 1
                 continue
             self.done += 1
+            graded = batch["correct"][i] is not None  # None: left to the filter step (grade_in_worker off)
             self.correct += bool(batch["correct"][i])
             self.tokens += batch["completion_tokens"][i] or 0
             self.steps += batch["steps"][i] or 0
             self.code_steps += batch["code_steps"][i] or 0
             self.gen_s += batch["gen_s"][i] or 0.0
             self.exec_s += batch["exec_s"][i] or 0.0
-            self.reasons[batch["reason"][i] or "passed"] += 1
+            self.reasons[batch["reason"][i] or ("passed" if graded else "ungraded")] += 1
         now = time.monotonic()
         if now - self.last >= self.interval_s and self.already + self.done + self.skipped < self.total:
             self.last = now

@@ -51,6 +51,29 @@ def _digest(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Every `retrieval.*` key is classified here; tests/retrieval/test_index_fingerprint.py fails on a key that is not,
+# so a new setting cannot silently escape the fingerprints (a changed setting must rebuild what it shapes).
+EMBEDDING_KEYS = ("embedder", "max_length", "shard_size", "fp16", "cpu_bf16", "num_gpus")
+"""Shape the vectors (fp16 / cpu_bf16 / num_gpus through the precision they select)."""
+INDEX_KEYS = {"flat": (), "ivfpq": ("ivf_nlist", "pq_m", "pq_nbits", "train_size"),
+              "hnsw": ("hnsw_m", "hnsw_ef_construction")}
+"""Shape index.faiss for that index type (plus `index_type` itself and, for ivfpq, the root `seed`)."""
+NOT_BUILD_KEYS = {
+    "enabled": "whether the job uses retrieval at all",
+    "corpus": "enters through the corpus content fingerprint (size + first/last MiB), not the path",
+    "index_type": "part of the index identity itself",
+    "index_dir": "where the index lives, not what it holds",
+    "top_k": "search time",
+    "batch_size": "rows per forward pass: vectors differ in the last float bits only (docs/retrieval.md)",
+    "num_actors": "build parallelism", "num_cpus": "build resources",
+    "hnsw_ef_search": "search time: applied when the index is loaded (start_retriever passes it)",
+    "nprobe": "search time: applied when the index is loaded (start_retriever passes it)",
+    "refine_factor": "search time: re-ranking from the shards",
+    "max_batch_size": "service", "batch_wait_ms": "service", "cache_size": "service",
+    "server_num_cpus": "service", "server_num_gpus": "service", "index_device": "service",
+}
+
+
 def embedding_identity(cfg: RootConfig, corpus: Path) -> dict:
     """What shapes the vectors: equal identity -> a finished shard can be reused."""
     r = cfg.retrieval
@@ -64,6 +87,8 @@ def embedding_identity(cfg: RootConfig, corpus: Path) -> dict:
 
 
 def index_identity(cfg: RootConfig, emb_fp: str) -> dict:
+    """What shapes index.faiss given the vectors (their fingerprint `emb_fp`): equal identity -> no rebuild.
+    Key names are kept stable so that existing indexes keep their fingerprints."""
     r = cfg.retrieval
     ident: dict = {"embeddings": emb_fp, "index_type": r.index_type}
     if r.index_type == "ivfpq":
@@ -71,6 +96,13 @@ def index_identity(cfg: RootConfig, emb_fp: str) -> dict:
     elif r.index_type == "hnsw":
         ident.update(hnsw_m=r.hnsw_m, ef_construction=r.hnsw_ef_construction)
     return ident
+
+
+def fingerprints(cfg: RootConfig, corpus: Path | None = None) -> tuple[str, str]:
+    """(embeddings fingerprint, index fingerprint) of `cfg`: what `run` writes and `is_done` compares."""
+    corpus = corpus or resolve_corpus(cfg.retrieval.corpus)
+    emb_fp = _digest(embedding_identity(cfg, corpus))
+    return emb_fp, _digest(index_identity(cfg, emb_fp))
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -213,11 +245,10 @@ def is_done(cfg: RootConfig) -> bool:
     if not meta or not (index_dir / INDEX_FILE).exists():
         return False
     try:
-        corpus = resolve_corpus(cfg.retrieval.corpus)
-    except Exception:
+        _, idx_fp = fingerprints(cfg)
+    except Exception:  # noqa: BLE001 - e.g. the corpus is gone: then the index is not "done" for this config
         return False
-    emb_fp = _digest(embedding_identity(cfg, corpus))
-    return meta.get("fingerprint") == _digest(index_identity(cfg, emb_fp))
+    return meta.get("fingerprint") == idx_fp
 
 
 def run(cfg: RootConfig, force: bool = False) -> dict:

@@ -51,7 +51,27 @@ class StudentEngine:
 
     async def info(self) -> dict:
         return {"backend": self.engine.backend, "model": self.engine.model_name, "describe": self.engine.describe(),
-                "lora_adapter": self.cfg.lora_adapter, "stats": self.engine.stats()}
+                "lora_adapter": self.cfg.lora_adapter, "lora": await lora_status(self.engine),
+                "stats": self.engine.stats()}
+
+
+async def lora_status(engine: Any) -> dict | None:
+    """What the engine itself says about the adapter (unwrapping benchmark wrappers): the vLLM LoRARequest every
+    request carries and the adapter ids vLLM has loaded (`AsyncLLM.list_loras`: an id appears once a request
+    ran through it); for transformers, that the adapter was merged into the weights at load."""
+    while hasattr(engine, "inner"):
+        engine = engine.inner
+    req = getattr(engine, "lora_request", None)
+    if req is not None:
+        out: dict = {"name": req.lora_name, "id": req.lora_int_id, "path": req.lora_path}
+        try:
+            out["loaded_ids"] = sorted(await engine.llm.list_loras())
+        except Exception as e:  # informational only
+            out["loaded_ids_error"] = f"{type(e).__name__}: {e}"
+        return out
+    if getattr(engine, "cfg", None) is not None and engine.cfg.lora_adapter:
+        return {"path": engine.cfg.lora_adapter, "merged": True}
+    return None
 
 
 def _import(path: str) -> Any:
@@ -186,7 +206,7 @@ class StudentAgent:
 
     async def _health(self) -> dict:
         info, sandboxes = await asyncio.gather(self.engine.handle.info.remote(), self.sandboxes.stats.remote())
-        return {"engine_stats": info.get("stats", {}), "adapter": info.get("lora_adapter"),
+        return {"engine_stats": info.get("stats", {}), "adapter": info.get("lora_adapter"), "lora": info.get("lora"),
                 "sandbox_hosts": len(sandboxes), "sandboxes_open": sum(s.get("sandboxes", 0) for s in sandboxes)}
 
     def __serve_build_asgi_app__(self):

@@ -228,6 +228,9 @@ class _Engine:
         self.device = rt.device
         peft_model, self.attn = load_peft_model(s, self.device)
         self.flash = self.attn.startswith("flash")  # its varlen kernel takes cu_seq_lens on the device
+        from raydistill.train.attention import describe
+
+        self.attn_path = describe(self.attn, self.device)  # e.g. sdpa_varlen/torch_varlen (after the probe)
         self.peft_model = peft_model
         self.trainable = [p for p in peft_model.parameters() if p.requires_grad]
         self.vocab_size = int(peft_model.get_input_embeddings().weight.shape[0])
@@ -421,7 +424,7 @@ def run(settings: LoopSettings | dict, rt: Runtime) -> dict:
     if rt.rank == 0:
         log.info("training %s: %d steps (%d/epoch, schedule %d), %d rows/worker, batch %d = %d workers x %d, "
                  "attention %s, strategy %s", s.model, plan.run_steps - step, plan.steps_per_epoch, plan.total_steps,
-                 plan.rows_per_worker, s.effective_batch_size, rt.world_size, plan.per_worker_batch, eng.attn,
+                 plan.rows_per_worker, s.effective_batch_size, rt.world_size, plan.per_worker_batch, eng.attn_path,
                  s.strategy)
     progress = _Progress(s, rt, plan, step)
     last: dict = history[-1] if history else {}
@@ -463,7 +466,8 @@ def run(settings: LoopSettings | dict, rt: Runtime) -> dict:
                     "loss_tokens": int(global_targets), "samples": int(samples_total),
                     "padded_tokens": int(padded_total), "micro_batches": n_max,
                     "dummy_micro_batches": n_max - len(mbs), "step_time_s": round(dt, 4),
-                    "tokens_per_s": tokens_total / dt, "tokens_per_s_per_worker": tokens_total / dt / rt.world_size}
+                    "tokens_per_s": tokens_total / dt, "tokens_per_s_per_worker": tokens_total / dt / rt.world_size,
+                    "attn": eng.attn_path}
             if rt.device.type == "cuda":
                 last["max_memory_gb"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 2)
             history.append(last)
@@ -515,9 +519,16 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def default_env() -> dict[str, str]:
-    """Environment the loop expects on multi-GPU hosts (NVLink multicast off), for plain launchers."""
+    """Environment the loop expects: NVLink multicast off (multi-GPU hosts), cuDNN attention not preferred.
+
+    torch puts cuDNN SDPA first on H100/H200/B200 and builds one cuDNN graph per new sequence length (tens to
+    hundreds of ms each, forward and backward); training sees new lengths every step. `sdpa_varlen` already
+    keeps cuDNN out of its own calls; these variables (read once, at the first SDPA call; the name changed
+    between torch releases) do the same for HF's `sdpa` path. Existing values win.
+    """
     env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", "TORCH_CUDNN_SDPA_PREFERRED": "0",
+           "TORCH_CUDNN_SDPA_DEPRIORITIZED": "1"}
     for k, v in env.items():
         os.environ.setdefault(k, v)
     return env

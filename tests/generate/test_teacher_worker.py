@@ -68,3 +68,20 @@ def test_superseded_run_does_not_write(tmp_path):
     with pytest.raises(SupersededError):
         asyncio.run(w(_rows(3)))
     assert TrajectoryStore(tmp_path / "out").count_rows() == 1
+
+
+def test_grading_can_be_left_to_the_filter(tmp_path):
+    from raydistill.curation.filter import apply_filter
+    from raydistill.stages.generate import Progress
+
+    w = _worker(tmp_path, grade_in_worker=False)
+    out = asyncio.run(w(_rows(2)))
+    assert out["correct"] == [None, None] and out["reason"] == ["", ""]
+    progress = Progress("cot", 2, 0, 3600)
+    progress.update(out)
+    assert progress.stats()["reasons"] == {"ungraded": 2} and progress.correct == 0
+    trajs, _ = TrajectoryStore(tmp_path / "out").read()
+    assert all(t.correct is None for t in trajs)
+    result = apply_filter(trajs)  # the filter grades what the worker did not
+    assert all(t.correct is True for t in trajs) and result.report["passed"] == 2
+    assert w.phase_stats()["phases"]["grade"] == 0.0

@@ -256,3 +256,19 @@ def test_index_type_change_rebuilds_index_only(built):
     out = index_stage.run(hnsw)
     assert out["shards_computed"] == 0 and out["index_type"] == "hnsw" and index_stage.is_done(hnsw)
     assert not index_stage.is_done(cfg)
+
+
+def test_changed_precision_or_max_length_rebuilds(built):
+    """Settings that shape the vectors make the index not done and recompute every shard; search-time ones don't."""
+    cfg, s = built
+    assert index_stage.run(cfg)["shards_computed"] == 0 and index_stage.is_done(cfg)  # back from other tests' types
+    r = cfg.retrieval
+    for update in ({"max_length": 64}, {"cpu_bf16": True}, {"index_type": "ivfpq", "pq_nbits": 4}):
+        assert not index_stage.is_done(cfg.model_copy(update={"retrieval": r.model_copy(update=update)})), update
+    for update in ({"nprobe": 4}, {"hnsw_ef_search": 16}, {"batch_size": 4}, {"top_k": 7}):
+        assert index_stage.is_done(cfg.model_copy(update={"retrieval": r.model_copy(update=update)})), update
+    bf16 = cfg.model_copy(update={"retrieval": r.model_copy(update={"cpu_bf16": True})})
+    out = index_stage.run(bf16)
+    assert out["shards_computed"] == s["shards"] and out["shards_reused"] == 0
+    assert index_stage.is_done(bf16) and not index_stage.is_done(cfg)
+    assert json.loads((Path(out["meta_path"])).read_text())["embedder"]["precision"] == "bfloat16"

@@ -101,6 +101,65 @@ def test_fork_isolation(sb):
     assert sb.run("n").value == "10"  # closing forks leaves the parent alone
 
 
+def _settled_snapshot(s: Sandbox, timeout: float = 20.0) -> int:
+    """Pid of s's snapshot once the background snapshot of its current state has registered."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        pid = s.isolation["snapshot_pid"]
+        if pid is not None:
+            return pid
+        time.sleep(0.02)
+    raise AssertionError("the snapshot never registered")
+
+
+def test_fast_fork_hands_over_the_snapshot_and_stays_crash_safe():
+    with Sandbox(step_timeout_s=10) as s:
+        s.run("data = [1]")
+        snap = _settled_snapshot(s)
+        child = s.fork()  # the fast path: the snapshot of exactly this state becomes the child
+        try:
+            assert child.isolation["pid"] == snap
+            # crash in the child's first step, possibly before the parent's new snapshot registered: the
+            # child gets the fork-time state back from the snapshot it shares with the parent
+            r = child.run(REAL_IMPORT + "data.append(2)\nreal_import('os')._exit(3)")
+            assert r.error_type == "crash" and r.restored
+            assert child.run("data").value == "[1]"
+            assert child.run("data.append('c'); data").value == "[1, 'c']"
+            # the parent got a new snapshot of its own (another process), and is still crash-safe
+            new_snap = _settled_snapshot(s)
+            assert new_snap not in (snap, child.isolation["pid"])
+            r = s.run(REAL_IMPORT + "data.append(3)\nreal_import('os')._exit(3)")
+            assert r.restored and s.run("data").value == "[1]"
+            # back-to-back forks: the second cannot take the snapshot the first child still shares
+            a, b = s.fork(), s.fork()
+            assert a.run("data.append('a'); data").value == "[1, 'a']"
+            assert b.run("data").value == "[1]"
+            a.close()
+            b.close()
+        finally:
+            child.close()
+        assert s.run("data").value == "[1]"
+
+
+def test_memory_cap_is_probed_and_reported_honestly():
+    from raydistill.sandbox.cgroups import probe
+
+    hybrid = "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n"
+    files = {"/sys/fs/cgroup/unified/cgroup.controllers": "hugetlb\n",
+             "/sys/fs/cgroup/user.slice/cgroup.controllers": "cpu memory pids\n"}
+    path, why = probe(hybrid, "4:memory:/x\n0::/\n", files.__getitem__, lambda p: True)
+    assert path is None and "memory controller is not available" in why and "hugetlb" in why
+    v2 = "30 1 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
+    path, why = probe(v2, "0::/user.slice\n", files.__getitem__, lambda p: False)
+    assert path is None and "not delegated" in why
+    assert probe(v2, "0::/user.slice\n", files.__getitem__, lambda p: True)[0] == "/sys/fs/cgroup/user.slice"
+    assert probe("", "0::/\n")[0] is None  # cgroup v1 only
+    with Sandbox() as s:
+        info = s.isolation
+        assert info["family_memory_cap"] is False and info["memory_cap_why"]
+        assert "RLIMIT_AS" in info["memory_bound"]
+
+
 def test_deep_recursion_is_an_error(sb):
     r = sb.run("def r(n):\n    return r(n + 1)\nr(0)")
     assert r.error_type == "RecursionError" and not r.restored

@@ -110,6 +110,12 @@ def test_bad_chat_requests(engine):
             assert r.status_code == 422 and "not served" in r.json()["error"]["message"]
             r = await c.post("/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]})
             assert r.status_code == 422
+            r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x " * 3000}],
+                                                            "max_tokens": 2})
+            assert r.status_code == 422 and "context window is 2048" in r.json()["error"]["message"], r.text
+            r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                            "max_tokens": 2, "continue_final_message": True})
+            assert r.status_code == 422 and "assistant" in r.json()["error"]["message"], r.text
 
     run(go())
 
@@ -142,7 +148,11 @@ def test_api_key(engine, monkeypatch):
 
     async def go():
         async with _client(app) as c:
-            assert (await c.get("/healthz")).status_code == 200  # probes stay open
+            h = await c.get("/healthz")  # probes stay open, but see only the status without the key
+            assert h.status_code == 200 and h.json() == {"status": "ok"}
+            h = await c.get("/healthz", headers={"Authorization": "Bearer s3cret"})
+            assert h.json()["status"] == "ok" and h.json()["episodes"]["active"] == 0
+            assert (await c.get("/docs")).status_code == 200
             r = await c.post("/v1/chat/completions", json=msg)
             assert r.status_code == 401 and "Authorization" in r.json()["error"]["message"]
             r = await c.post("/v1/chat/completions", json=msg, headers={"Authorization": "Bearer nope"})
@@ -155,6 +165,22 @@ def test_api_key(engine, monkeypatch):
     monkeypatch.delenv("RD_TEST_KEY")
     with pytest.raises(ValueError, match="RD_TEST_KEY"):
         create_app(EpisodeBackend(engine), cfg, AGENT)
+
+
+def test_health_is_503_when_the_backend_fails(engine):
+    class Broken(EpisodeBackend):
+        async def health(self) -> dict:
+            raise RuntimeError("sandbox hosts down")
+
+    app = create_app(Broken(engine), ServeConfig(), AGENT)
+
+    async def go():
+        async with _client(app) as c:
+            r = await c.get("/healthz")
+            assert r.status_code == 503 and r.json()["status"] == "unavailable"
+            assert "sandbox hosts down" not in r.text  # details go to the log, not to an open route
+
+    run(go())
 
 
 def test_disconnect_cancels_episode_under_uvicorn(tmp_path):

@@ -274,7 +274,17 @@ def test_job_working_dir_upload_is_small_and_excludes_local_state():
 
     env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
     RuntimeEnv(**env)  # a valid runtime env
-    assert "env_vars" not in env, "env_vars here would clash with the driver's own (Ray refuses to merge)"
+    assert env["env_vars"] == NVLS_ENV, "the job's workers must get NVLink multicast off"
+    # The driver leaves the job's variables to the job: merged like Ray does for a submitted job, no conflict.
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    from raydistill.stages.ray_init import worker_env
+
+    job_config = json.dumps({"runtime_env": env})
+    ours = worker_env({"RAY_JOB_CONFIG_JSON_ENV_VAR": job_config, "NCCL_NVLS_ENABLE": "0"})
+    assert not set(ours) & set(NVLS_ENV) and ours["TOKENIZERS_PARALLELISM"] == "false"
+    merged = _merge_runtime_env(RuntimeEnv(**env), RuntimeEnv(env_vars=ours), override=False)
+    assert merged is not None and merged["env_vars"] == {**ours, **NVLS_ENV}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "wd.zip"
         _zip_files(str(REPO), env["excludes"], str(out), include_gitignore=True)

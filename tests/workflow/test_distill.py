@@ -32,7 +32,11 @@ def _stand_in(name: str, calls: list[str], fail: dict[str, bool]):
     mod = types.ModuleType(f"raydistill.stages.{name}")
 
     def key(cfg) -> str:
-        return json.dumps(distill.stage_inputs(cfg, name), sort_keys=True)
+        inputs = distill.stage_inputs(cfg, name)
+        if name == "generate":
+            # Like the real generate stage (generation_settings), key on the WHOLE sandbox section, pool included.
+            inputs = {**inputs, "sandbox_all": cfg.sandbox.model_dump(mode="json")}
+        return json.dumps(inputs, sort_keys=True)
 
     def out(cfg) -> Path:
         return cfg.run_path / STAGE_DIR[name] / "done.json"
@@ -85,6 +89,48 @@ def test_fingerprints_ignore_resources_and_chain_downstream(tmp_path):
     corpus = distill.fingerprints(_cfg(tmp_path, "retrieval.index_type=hnsw"))
     assert all(corpus[s] != base[s] for s in base)
     assert distill.fingerprints(_cfg(tmp_path, "retrieval.enabled=false"))["index"] == "disabled"
+
+
+# Settings that change only how fast / where a stage runs, and some that change what it writes.
+RESOURCE_ONLY = ("sandbox.pool.num_actors=5", "sandbox.pool.num_cpus_per_actor=0.5", "sandbox.warm_sandboxes=0",
+                 "sandbox.pool.idle_timeout_s=60", "generate.progress_interval_s=1", "generate.flush_interval_s=5",
+                 "retrieval.num_cpus=1", "retrieval.cache_size=0", "teacher.num_cpus=1", "teacher.cpu_threads=1",
+                 "student.max_lora_rank=16", "train.cpus_per_worker=0.25", "train.ingest=driver",
+                 "evaluate.num_cpus=0.5", "evaluate.concurrency=2", "ray.num_cpus=1")
+OUTPUT_CHANGING = {"sandbox.limits.step_timeout_s=5": "generate", "agent.max_steps=3": "generate",
+                   "retrieval.refine_factor=0": "generate", "retrieval.cpu_bf16=true": "index",
+                   "sft.max_length=1024": "generate", "teacher.load_format=dummy": "generate",
+                   "train.max_steps=1": "train", "evaluate.examples_per_group=1": "evaluate"}
+
+
+def test_fingerprints_ignore_resource_only_keys_and_include_output_keys(tmp_path):
+    base = distill.fingerprints(_cfg(tmp_path))
+    assert distill.fingerprints(_cfg(tmp_path, *RESOURCE_ONLY)) == base
+    order = list(base)
+    for override, first in OUTPUT_CHANGING.items():
+        fps = distill.fingerprints(_cfg(tmp_path, override))
+        changed = [s for s in order if fps[s] != base[s]]
+        assert changed and changed[0] == first, (override, changed)
+
+
+def test_resource_only_change_skips_everything_output_change_stops(tmp_path, stages, ray_local):
+    calls, _ = stages
+    distill.run(_cfg(tmp_path / "run"))
+    calls.clear()
+    # The generate stand-in keys on the whole sandbox section (as the real stage does): a bigger sandbox pool
+    # alone must not redo it; its is_done holds under the resources recorded in the manifest.
+    bigger = _cfg(tmp_path / "run", *RESOURCE_ONLY)
+    assert distill.is_done(bigger)
+    distill.run(bigger)
+    assert calls == []
+    m = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert {s["action"] for s in m["jobs"][-1]["stages"].values()} == {"skipped"}
+    assert m["stages"]["generate"]["config"]["sandbox"]["pool"]["num_actors"] == 2  # as made, not as skipped
+    with pytest.raises(distill.ConfigChanged, match=r"sandbox\.limits\.step_timeout_s: 30\.0 -> 5\.0"):
+        distill.run(_cfg(tmp_path / "run", "sandbox.limits.step_timeout_s=5"))
+    assert calls == []
+    distill.run(_cfg(tmp_path / "run", "sandbox.limits.step_timeout_s=5"), DistillConfig(on_config_change="rerun"))
+    assert calls == ["generate", "train", "evaluate"]
 
 
 def test_cot_branch_switch(tmp_path):
