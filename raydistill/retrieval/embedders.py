@@ -166,7 +166,7 @@ class HFMeanPoolEmbedder(Embedder):
 
     @property
     def dtype_name(self) -> str:
-        return str(self._dtype).replace("torch.", "")
+        return "qint8" if self.int8 else str(self._dtype).replace("torch.", "")
 
 
 class SentenceTransformerEmbedder(Embedder):

@@ -6,8 +6,8 @@ Pipeline (Ray Data, streaming):
   embed chunks (actor pool: `retrieval.num_actors` actors, fractional CPUs, GPUs when asked) --map_batches-->
   the driver assembles chunks into shards and writes each one atomically as soon as it is complete.
 
-Why chunks of exactly `batch_size` rows as the unit: a chunk is one forward pass whatever way Ray Data bundles
-blocks, so embeddings do not depend on scheduling and a rebuild is bit-identical (same hardware, same
+Why chunks of exactly `batch_size` rows as the unit: a chunk is embedded alone (its micro-batches depend on its
+texts only) whatever way Ray Data bundles blocks, so embeddings do not depend on scheduling and a rebuild is bit-identical (same hardware, same
 batch_size). batch_size is not part of the shard fingerprint: a resumed job may use another one (vectors then
 differ in the last float bits only).
 Why shards written by the driver: the faiss index is built on this node from all vectors anyway, and it keeps
