@@ -212,6 +212,7 @@ def measure(quick: bool) -> dict:
     nosnap = Sandbox(snapshots=False)
     nosnap.run("import numpy, sympy")
     raw["step_no_snapshots"] = timed(lambda: nosnap.run(SNIPPET), 100 * k)
+    raw["step_no_snapshots_gap"] = timed(lambda: nosnap.run(SNIPPET), 50 * k, gap=0.02)
     nosnap.close()
     raw["step_cpu_host"], raw["step_cpu_interp"] = step_cpu(300 * k)
     raw["bare_exec_cpu"] = bare_cpu = time.process_time()
@@ -277,6 +278,9 @@ def render(raw: dict) -> str:
         ("sandbox step, back-to-back", b2b,
          f"+{ms(pct(b2b, 50) - floor)} ms over exec (waits for the previous step's snapshot fork)"),
         ("sandbox step, snapshots off", nosnap, f"+{ms(pct(nosnap, 50) - floor)} ms over exec"),
+        *([("sandbox step, snapshots off, 20 ms think gap", raw["step_no_snapshots_gap"],
+            f"+{ms(pct(raw['step_no_snapshots_gap'], 50) - floor)} ms over exec (waking idle CPUs: see below)")]
+          if "step_no_snapshots_gap" in raw else []),
         ("new sandbox (numpy+sympy ready), from the pre-started pool", ready,
          f"vs {ms(pct(pycnp, 50))} ms python -c + numpy,sympy"),
         ("new sandbox, started on demand (warm_sandboxes=0)", cold,
@@ -299,7 +303,7 @@ def render(raw: dict) -> str:
     ]
     if "step_cpu_host" in raw:
         cpu = raw["step_cpu_host"] + raw["step_cpu_interp"]
-        rows.insert(6, ("sandbox step, CPU time on the critical path (host + interpreter)", [cpu],
+        rows.insert(7 if "step_no_snapshots_gap" in raw else 6, ("sandbox step, CPU time on the critical path (host + interpreter)", [cpu],
                         f"host {ms(raw['step_cpu_host'])} + interpreter {ms(raw['step_cpu_interp'])} ms; "
                         f"bare exec {ms(raw['bare_exec_cpu'])} ms (CPU time, not latency)"))
     header = (f"isolation level: {raw['level']}; zygote start (one-time, imports numpy+sympy): "
@@ -350,7 +354,7 @@ NOTES = """How to read this:
   compare rows with the baselines of the same run, and use the CPU-time figures (less sensitive to load) to
   judge the cost itself. The critical path of a step is one round trip hub thread -> interpreter -> hub
   thread; its CPU cost is the "critical path" row.
-- After every step the interpreter forks a snapshot of its state (crash safety) *after* replying. The next
+- After every step the interpreter forks a snapshot of its state (crash safety) *after* replying (1 ms later). The next
   step waits only for that fork to finish (a bare fork of a numpy+sympy process: 0.9 ms measured on this box
   when it was quieter, 1.1 ms in the issue), then pre-faults the pages the next step would otherwise copy
   (copy-on-write, ~130 page faults moved out of a small step). The fork and its faults cost CPU (several ms
@@ -361,6 +365,14 @@ NOTES = """How to read this:
 - A fork hands the parent's current snapshot (already a forked, confined copy of the state) to the child and
   returns; the parent forks its replacement snapshot in the background. A fork that comes before that
   background work finished (right after a step or another fork) waits for it, which a loaded box stretches.
+- After a pause (the "20 ms think gap" rows) a step is slower than back-to-back even with snapshots off: every
+  hop on the critical path (caller thread -> hub thread -> interpreter -> hub thread -> caller) wakes a thread
+  or process whose CPU went idle. Measured on this box at 20 ms gaps, snapshots off: caller -> hub 0.5 ms,
+  hub -> interpreter 0.2 ms, the step itself 0.56 ms (0.16 ms when hot), interpreter -> hub 0.4 ms, hub ->
+  caller 0.15-0.2 ms. Snapshots add ~0.35 ms spread over these (a socket pair and a passed descriptor per step,
+  ~23 copy-on-write faults the pre-fault step does not cover). The interpreter waits 1 ms after replying before
+  it forks the snapshot (`SNAPSHOT_DELAY_S`): forking at once competed for the 2 cores with the host threads
+  delivering the result and made half of the gapped steps ~2 ms slower.
 - New sandboxes normally come from the pre-started pool (`warm_sandboxes`): ready in a few ms. Started on
   demand, a sandbox costs three forks of the warm zygote (namespace creator, warden, interpreter) plus new
   user/pid/mount namespaces and three small tmpfs mounts; still numpy+sympy-ready, unlike `python -c`.

@@ -10,6 +10,7 @@ import pytest
 from sbhelpers import REAL_IMPORT
 
 from raydistill.sandbox import Result, Sandbox, SandboxConfig, SandboxError
+from raydistill.sandbox.hub import Hub
 
 
 @pytest.fixture
@@ -335,6 +336,26 @@ def test_isolation_is_reported_and_bad_levels_refused():
         Sandbox(isolation="rlimits").run("1")  # below the default min_isolation="seccomp"
     with pytest.raises(TypeError):
         Sandbox(not_an_option=1)
+
+
+def test_hub_call_returns_values_raises_errors_and_refuses_its_own_thread():
+    hub = Hub.get()
+
+    async def ok():
+        return 42
+
+    async def bad():
+        raise ValueError("boom")
+
+    async def nested():
+        return hub.call(ok())
+
+    assert hub.call(ok()) == 42
+    with pytest.raises(ValueError, match="boom"):
+        hub.call(bad())
+    with pytest.raises(RuntimeError, match="hub thread"):
+        hub.call(nested())
+    assert hub.call(ok()) == 42  # still serving
 
 
 def test_closed_sandbox_refuses_work():
