@@ -38,6 +38,7 @@ for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
 # NOT setting TORCH_CUDNN_SDPA_PREFERRED here: `*_default` variants must see torch's own backend choice.
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
@@ -60,6 +61,18 @@ def sdpa_micro(gpu: bool, tiny: bool) -> dict:
     device = "cuda" if gpu else "cpu"
     dtype = torch.bfloat16 if gpu else torch.float32
     heads, dim = (4, 16) if tiny else (12, 128)
+
+    def fwd_bwd_ms(q, k, v, backends) -> float:
+        if gpu:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with sdpa_kernel(backends) if backends is not None else contextlib.nullcontext():
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        o.sum().backward()
+        if gpu:
+            torch.cuda.synchronize()
+        return round((time.perf_counter() - t) * 1e3, 2)
+
     out = {}
     for name, backends in (("default", None), ("no_cudnn", [SDPBackend.FLASH_ATTENTION,
                                                             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])):
@@ -69,31 +82,9 @@ def sdpa_micro(gpu: bool, tiny: bool) -> dict:
             n = (base + 37 * i + 1) if not tiny else (50 + 7 * i + (0 if name == "default" else 3))
             q, k, v = (torch.randn(1, heads, n, dim, device=device, dtype=dtype, requires_grad=True)
                        for _ in range(3))
-            if gpu:
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            if backends is None:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:
-                with sdpa_kernel(backends):
-                    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            o.sum().backward()
-            if gpu:
-                torch.cuda.synchronize()
-            times.append(round((time.perf_counter() - t) * 1e3, 2))
+            times.append(fwd_bwd_ms(q, k, v, backends))
         # the same length again: cached plans, if any
-        if gpu:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        if backends is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            with sdpa_kernel(backends):
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        o.sum().backward()
-        if gpu:
-            torch.cuda.synchronize()
-        out[name] = {"new_length_ms": times, "repeat_length_ms": round((time.perf_counter() - t) * 1e3, 2)}
+        out[name] = {"new_length_ms": times, "repeat_length_ms": fwd_bwd_ms(q, k, v, backends)}
     return out
 
 
