@@ -13,7 +13,11 @@ the stage vs the plain loop, and per-GPU vs the anchor; writes everything to $OU
 Settings (METHOD.md §4): LoRA r64 / alpha 128 / dropout 0.05 on all linear layers, AdamW lr 2e-4, linear
 schedule, bf16, gradient checkpointing, effective batch 8 trajectories, packed rows of <= 16384 tokens.
 Data: uniform 500-8000 tokens per trajectory, ~40% loss tokens (assistant turns between observations).
-Steps: 2 warm-up + 5 measured per configuration (about 6 minutes in all on 2 H200s, incl. model creation).
+Steps: 2 warm-up + 16 measured per configuration (~7 minutes in all on 2 H200s, incl. model creation). With 5
+measured steps (the 2026-11-22 runs) the 1- and 2-GPU runs saw different groupings of random-length
+trajectories, and whether a rank needed a second, small micro-batch in a step changed that step's time a lot
+(final step: 2 GPUs x 1 micro-batch 0.73 s for 30.8k tokens, 1 GPU x 2 micro-batches 1.49 s for 32.1k, while
+the 5-step means gave a scaling of 0.78); 16 steps average the grouping out.
 
     PYTHONPATH=/tmp/site:$PWD python benchmarks/gpu/train_gpu.py            # on the GPU machine
     python benchmarks/gpu/train_gpu.py --tiny --only plain,ddp1,ddp2        # CPU smoke run (tiny model)
@@ -233,7 +237,7 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model, short samples, gloo")
     ap.add_argument("--only", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--measure", type=int, default=5)
+    ap.add_argument("--measure", type=int, default=16)
     ap.add_argument("--pad", type=int, default=64, help="pad packed rows to a multiple of this (stage default 64)")
     ap.add_argument("--workdir", default="/tmp/raydistill-train-bench")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))

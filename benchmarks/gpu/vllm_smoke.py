@@ -76,6 +76,11 @@ async def checks(results: dict) -> None:
         [s] = await eng.generate(ChatRequest(messages=msgs), p.replace(n=1, stop=(stop,)))
         check("stop_string", s.finish_reason == "stop" and s.stop_reason == stop and stop not in s.text,
               [s.finish_reason, s.stop_reason])
+    # no stop strings: vLLM does not detokenize and the engine decodes the final ids once; same text as vLLM's
+    [d] = await eng.generate(ChatRequest(messages=msgs), p.replace(n=1, stop=("\x00never\x00",)))
+    [nd] = await eng.generate(ChatRequest(messages=msgs), p.replace(n=1))
+    check("decode_once_matches_vllm_detok", d.token_ids == nd.token_ids and d.text == nd.text and bool(nd.text),
+          [len(d.text), len(nd.text)])
     [tk] = await eng.generate(ChatRequest(prompt_token_ids=[100, 200, 300]), SamplingParams(max_tokens=5,
                                                                                           ignore_eos=True))
     check("token_prompt", tk.prompt_tokens == 3 and tk.completion_tokens == 5)

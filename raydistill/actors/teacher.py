@@ -93,12 +93,14 @@ def stat_row(t: Trajectory, skipped: bool = False) -> dict[str, Any]:
 
 
 class _Conversation:
-    """What one conversation's last request sent: rendered text, its token ids, and the generated ids."""
+    """What one conversation's last request sent: rendered text, its token ids, and the generated ids (with the
+    text each was shown to the caller as, when that is not their decoding: see `alias_texts`)."""
 
-    __slots__ = ("gen", "ids", "text")
+    __slots__ = ("alias", "gen", "ids", "text")
 
     def __init__(self, text: str, ids: list[int], gen: list[list[int]]) -> None:
         self.text, self.ids, self.gen = text, array("i", ids), [array("i", g) for g in gen]
+        self.alias: list[str] | None = None
 
 
 class IncrementalPromptEngine(Engine):
@@ -149,8 +151,8 @@ class IncrementalPromptEngine(Engine):
             rest = text[len(conv.text):]
             base = conv.ids.tolist()
             spliced = False
-            for gen in conv.gen:
-                gen_text = self._decode(gen) if len(gen) else ""
+            for j, gen in enumerate(conv.gen):
+                gen_text = conv.alias[j] if conv.alias else self._decode(gen) if len(gen) else ""
                 if gen_text and rest.startswith(gen_text):
                     base.extend(gen.tolist())
                     rest = rest[len(gen_text):]
@@ -232,6 +234,17 @@ class IncrementalPromptEngine(Engine):
             while len(self._convs) > self.max_conversations:
                 self._convs.popitem(last=False)
         return comps
+
+    def alias_texts(self, request: ChatRequest, texts: list[str]) -> None:
+        """The completions just returned for `request` reach the episode as `texts`, not as their decoding.
+
+        For fixed-action benchmark mode (engines/fixed_action.py), which swaps the random tokens' text for a
+        valid action: a later prompt carrying one of these texts gets that completion's generated ids spliced
+        in, so the engine sees its own tokens again, as in a real run (where the text is their decoding),
+        instead of re-prefilling a re-encoded action the model never generated."""
+        conv = self._convs.get(id(request.messages[0])) if request.messages else None
+        if conv is not None and len(texts) == len(conv.gen):
+            conv.alias = list(texts)
 
     async def generate_batch(self, requests: Any, params: SamplingParams) -> list[list[Completion]]:
         return list(await asyncio.gather(*(self.generate(r, params) for r in requests)))

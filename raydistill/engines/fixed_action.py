@@ -4,7 +4,9 @@ Random-weight models never write runnable code, so an episode on them would meas
 wrapper lets the inner engine generate exactly `gen_tokens` tokens per sample (ignore EOS, no stop strings -
 the GPU cost is real) and then hands the episode a fixed, valid code action instead of the random text,
 padded with filler words to about the same token count so the transcript (and the next prompt) grows as it
-would have. The episode then really parses, executes in the sandbox, forks and votes. Used by
+would have. Behind an `IncrementalPromptEngine` the next prompt still carries the generated ids, not a
+re-encoding of the substituted text (see its `alias_texts`), so the engine sees what a real run sends it.
+The episode then really parses, executes in the sandbox, forks and votes. Used by
 benchmarks/episodes.py and by the generation/serving GPU benchmarks.
 """
 
@@ -90,6 +92,9 @@ class FixedActionEngine(Engine):
         for i, c in enumerate(comps):
             text = self._text(self.action(step, i), c.completion_tokens)
             out.append(replace(c, text=text, finish_reason="stop", stop_reason="<end_code>"))
+        alias = getattr(self.inner, "alias_texts", None)  # IncrementalPromptEngine: keep the generated ids
+        if alias is not None:
+            alias(request, [c.text for c in out])
         return out
 
     async def reset_prefix_cache(self) -> None:

@@ -173,3 +173,25 @@ def test_tokenizers_that_encode_pieces_differently_keep_the_whole_prompt_path(to
     asyncio.run(eng.generate(ChatRequest(messages=msgs), SamplingParams()))
     assert inner.prompts[-1] == odd.encode(render_prompt_text(tok, ChatRequest(messages=msgs)))
     assert eng.counters["requests"] == 0  # every request went straight to the backend's own rendering
+
+
+def test_fixed_action_text_keeps_the_generated_ids_in_the_next_prompt(tok):
+    # fixed-action benchmark mode swaps the generated text for a valid action; the next prompt must still carry
+    # the generated ids (as a real run does), not a re-encoding of the substituted text the model never wrote
+    from raydistill.engines.fixed_action import FixedActionEngine, default_action
+
+    gibberish = "zq zq zq zq zq zq zq zq"
+    inner = TokenScript(tok, [gibberish, gibberish])
+    eng = FixedActionEngine(IncrementalPromptEngine(inner), default_action(3, tool=None))
+    msgs = episode_prefix("q?", "teacher", [])
+    [c] = asyncio.run(eng.generate(ChatRequest(messages=msgs), SamplingParams(max_tokens=8)))
+    assert c.text.startswith("Thought:") and c.token_ids == tok.encode(gibberish, add_special_tokens=False)
+    msgs += [{"role": "assistant", "content": c.text + "<end_code>"}, {"role": "user", "content": "Observation: ok"}]
+    asyncio.run(eng.generate(ChatRequest(messages=msgs), SamplingParams(max_tokens=8)))
+    first, second = inner.prompts
+    assert second[: len(first) + len(c.token_ids)] == first + c.token_ids
+    assert eng.inner.counters["generated_spliced"] == 1
+    # everything after the spliced ids is the rest of the transcript, encoded as usual
+    rest = render_prompt_text(tok, ChatRequest(messages=msgs))
+    rest = rest[rest.index(c.text) + len(c.text):]
+    assert second[len(first) + len(c.token_ids):] == tok.encode(rest, add_special_tokens=False)
