@@ -31,23 +31,16 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from raydistill.stages.local_head import LocalRayHead  # noqa: E402
 
 
 def weights_dir(shape_dir: Path, dst: Path, seed: int = 0) -> Path:
@@ -137,67 +130,11 @@ def gpu_config(model: Path, embedder: Path, run_dir: Path, questions: int, test_
     }
 
 
-class Head:
-    """`ray start --head --block` on loopback; stop() ends it and, by pid, whatever still names its temp dir."""
-
-    def __init__(self, num_gpus: int, env: dict[str, str]):
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="rdg", dir="/tmp"))
-        self.port, self.dash = free_port(), free_port()
-        self.env = env
-        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-               "--node-ip-address=127.0.0.1", f"--port={self.port}", f"--num-gpus={num_gpus}",
-               f"--temp-dir={self.temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={self.dash}", f"--ray-client-server-port={free_port()}",
-               f"--dashboard-agent-listen-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
-        self.log = open(OUT / "distill_gpu_head.log", "w")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd=self.temp_dir)
-        self.url = f"http://127.0.0.1:{self.dash}"
-
-    def api(self, path: str) -> dict:
-        req = urllib.request.Request(self.url + path,
-                                     headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())
-
-    def wait(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited {self.proc.returncode}; see {OUT}/distill_gpu_head.log")
-            try:
-                self.api("/api/version")
-                return
-            except OSError:
-                time.sleep(2)
-        raise TimeoutError("dashboard did not come up")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        time.sleep(3)
-        needle = str(self.temp_dir).encode()
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and int(entry.name) != os.getpid():
-                try:
-                    if needle in (entry / "cmdline").read_bytes():
-                        os.kill(int(entry.name), signal.SIGKILL)
-                except OSError:
-                    pass
-        self.log.close()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def submit(head: Head, sub_id: str, argv: list[str], timeout: float) -> tuple[str, float, str]:
+def submit(head: LocalRayHead, sub_id: str, argv: list[str], timeout: float) -> tuple[str, float, str]:
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "submit", f"--address={head.url}",
-                    f"--submission-id={sub_id}", "--no-wait", "--working-dir", str(REPO),
-                    "--runtime-env", "cluster/runtime_env.yaml", "--", *argv],
-                   env=head.env, cwd=REPO, check=True, capture_output=True, text=True)
+    head.ray_cli("job", "submit", f"--address={head.dashboard_url}", f"--submission-id={sub_id}", "--no-wait",
+                 "--working-dir", str(REPO), "--runtime-env", "cluster/runtime_env.yaml", "--", *argv,
+                 cwd=REPO, check=True, timeout=600)
     status = "?"
     while time.monotonic() - t0 < timeout:
         status = head.api(f"/api/jobs/{sub_id}")["status"]
@@ -206,8 +143,7 @@ def submit(head: Head, sub_id: str, argv: list[str], timeout: float) -> tuple[st
         time.sleep(2)
     logs = head.api(f"/api/jobs/{sub_id}/logs")["logs"]
     if status not in ("SUCCEEDED", "FAILED", "STOPPED"):
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "stop", f"--address={head.url}", sub_id],
-                       env=head.env, cwd=REPO, capture_output=True, timeout=120)
+        head.ray_cli("job", "stop", f"--address={head.dashboard_url}", sub_id, cwd=REPO)
     (OUT / f"{sub_id}.log").write_text(logs)
     return status, time.monotonic() - t0, logs
 
@@ -281,9 +217,8 @@ def main() -> int:
             result[key] = {"status": "SUCCEEDED" if rc == 0 else f"rc={rc}", "wall_s": round(time.monotonic() - t0, 1)}
     else:
         t0 = time.monotonic()
-        head = Head(gpus, env)
-        try:
-            head.wait()
+        # Its own token (RAY_AUTH_TOKEN in head.env), ports and temp dir; stop() ends only its processes.
+        with LocalRayHead(num_gpus=gpus, env=env, log_path=OUT / "distill_gpu_head.log").start(300) as head:
             result["head_start_s"] = round(time.monotonic() - t0, 1)
             for key, sub_id in (("first", "distill-gpu-1"), ("second", "distill-gpu-2")):
                 status, wall, logs = submit(head, sub_id, argv, timeout)
@@ -293,8 +228,6 @@ def main() -> int:
                 if status != "SUCCEEDED":
                     print(logs[-6000:], flush=True)
                     break
-        finally:
-            head.stop()
     result["total_wall_s"] = round(time.monotonic() - t_start, 1)
     result["driver_cpu_s"] = round(sum(os.times()[:4]), 1)  # this process + reaped children (the head)
     manifest_path = run_dir / "manifest.json"

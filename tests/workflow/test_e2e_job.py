@@ -3,7 +3,7 @@ tiny config, wait for SUCCEEDED, check the run directory (index, trajectories, S
 manifest); then submit again and see every stage skipped.
 
 Token auth (Ray 2.60): the head and the `ray job` CLI get RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in their
-environment (conftest.RayHead); the driver the job starts inherits both from the raylet.
+environment (raydistill.stages.local_head.LocalRayHead); the driver the job starts inherits both from the raylet.
 
 Cost: the smallest config (tests/workflow/tiny.yaml: 1 question per set, 1 agent step, 1 training step,
 1 test question per set) and a 50-passage slice of the bundled corpus; the job API is polled over HTTP
