@@ -89,6 +89,31 @@ def make_model_dir(shape: str, out: str | Path, max_position_embeddings: int = 3
     return out
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""All linear layers of a Qwen2 block (peft's `all-linear` minus lm_head); vLLM supports LoRA on each."""
+
+
+def make_adapter(base_dir: str | Path, out: str | Path, rank: int = 8, device: str | None = None) -> str:
+    """A random peft LoRA adapter for the model at `base_dir` (weights built from its config in bf16 on `device`,
+    default cuda when there is one; lora_B random too, so the adapter changes outputs); only the adapter is
+    saved. Idempotent."""
+    out = str(out)
+    if Path(out, "adapter_config.json").exists():
+        return out
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = AutoConfig.from_pretrained(str(base_dir))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, init_lora_weights=False,
+                      task_type="CAUSAL_LM")
+    get_peft_model(model, lora).save_pretrained(out)
+    return out
+
+
 if __name__ == "__main__":
     d = make_model_dir(sys.argv[1], sys.argv[2])
     print(d)

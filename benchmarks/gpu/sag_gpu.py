@@ -100,29 +100,6 @@ def engine_cfg(args: argparse.Namespace, adapter: str | None = None) -> Any:
                         num_gpus=1, num_cpus=1, **lora)
 
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-"""All linear layers of a Qwen2 block (peft's `all-linear` minus lm_head); vLLM supports LoRA on each."""
-
-
-def make_adapter(base_dir: str, out: str, rank: int, device: str) -> str:
-    """A random peft LoRA adapter for the model at `base_dir` (weights built from its config in bf16 on `device`;
-    lora_B random too, so the adapter changes outputs); only the adapter is saved. Idempotent."""
-    if Path(out, "adapter_config.json").exists():
-        return out
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(base_dir)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, init_lora_weights=False,
-                      task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
-    peft_model.save_pretrained(out)
-    return out
-
-
 def _stats(xs: list[float]) -> dict[str, float | None]:
     if not xs:
         return {"n": 0, "median": None, "p90": None, "mean": None}
@@ -338,6 +315,7 @@ def serve_part(args: argparse.Namespace, t_start: float, out: dict) -> dict:
     from ray import serve
 
     from benchmarks.episodes import make_questions
+    from benchmarks.gpu.model_shapes import LORA_TARGETS
     from raydistill.config import RootConfig
     from raydistill.serving.student import model_label
     from raydistill.stages import serve as serve_stage
@@ -354,7 +332,7 @@ def serve_part(args: argparse.Namespace, t_start: float, out: dict) -> dict:
         t = time.perf_counter()
         adapter = str(Path(args.adapter_dir or f"/tmp/raydistill-bench/lora-r{args.lora_rank}-"
                                                 f"{'tiny' if args.cpu else args.shape}"))
-        code = (f"from benchmarks.gpu.sag_gpu import make_adapter; make_adapter({model_dir(args)!r}, {adapter!r}, "
+        code = (f"from benchmarks.gpu.model_shapes import make_adapter; make_adapter({model_dir(args)!r}, {adapter!r}, "
                 f"{args.lora_rank}, {'cpu' if args.cpu else 'cuda'!r})")
         if not Path(adapter, "adapter_config.json").exists():  # own process: frees the GPU on exit
             subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)

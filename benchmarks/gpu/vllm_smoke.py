@@ -23,25 +23,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def make_adapter(model_dir: str, out: str, rank: int = 8) -> str:
-    """A random LoRA adapter for the model shape (all linear layers), saved with peft."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if Path(out, "adapter_config.json").exists():
-        return out
-    cfg = AutoConfig.from_pretrained(model_dir)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                      init_lora_weights=False)
-    get_peft_model(model, lora).save_pretrained(out)
-    return out
-
-
 async def checks(results: dict) -> None:
-    from benchmarks.gpu.model_shapes import make_model_dir
+    from benchmarks.gpu.model_shapes import make_adapter, make_model_dir
     from raydistill.agent import run_episode
     from raydistill.config.agent import AgentConfig, SagConfig
     from raydistill.config.engine import EngineConfig
