@@ -201,9 +201,7 @@ class IncrementalPromptEngine(Engine):
         if self._safe is None:
             msgs = [{"role": "system", "content": "You are a careful solver."},
                     {"role": "user", "content": "What is 6 * 7?"}]
-            probe = IncrementalPromptEngine.__new__(IncrementalPromptEngine)
-            probe.tokenizer, probe._convs, probe._systems = self.tokenizer, OrderedDict(), {}
-            probe.counters = dict.fromkeys(self.counters, 0)
+            probe = IncrementalPromptEngine(self.inner)  # fresh caches and counters, same tokenizer
             probe._safe = True
             try:
                 key, text, ids = probe.prompt_ids(ChatRequest(messages=msgs))
