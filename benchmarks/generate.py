@@ -112,6 +112,7 @@ def bench_prompt_cost(episodes: int = 20, steps: int = 5) -> dict:
 
     full, inc_inner = Recorder(), Recorder()
     inc = IncrementalPromptEngine(inc_inner)
+    inc.alias_texts = None  # re-encode the fixed action like the full render does, so the ids can be compared
     full_s, inc_s = asyncio.run(run(full)), asyncio.run(run(inc))
     return {"steps": episodes * steps, "prompt_tokens_last_step": len(full.sent[steps - 1]),
             "full_ms_cpu_per_step": round(1000 * full_s, 3), "incremental_ms_cpu_per_step": round(1000 * inc_s, 3),

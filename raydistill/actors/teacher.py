@@ -152,7 +152,7 @@ class IncrementalPromptEngine(Engine):
             base = conv.ids.tolist()
             spliced = False
             for j, gen in enumerate(conv.gen):
-                gen_text = conv.alias[j] if conv.alias else self._decode(gen) if len(gen) else ""
+                gen_text = (conv.alias[j] if conv.alias else self._decode(gen)) if len(gen) else ""
                 if gen_text and rest.startswith(gen_text):
                     base.extend(gen.tolist())
                     rest = rest[len(gen_text):]

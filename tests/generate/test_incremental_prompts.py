@@ -195,3 +195,18 @@ def test_fixed_action_text_keeps_the_generated_ids_in_the_next_prompt(tok):
     rest = render_prompt_text(tok, ChatRequest(messages=msgs))
     rest = rest[rest.index(c.text) + len(c.text):]
     assert second[len(first) + len(c.token_ids):] == tok.encode(rest, add_special_tokens=False)
+
+
+def test_a_substituted_text_for_no_generated_ids_is_encoded_not_dropped(tok):
+    # an alias only stands for ids that exist: with nothing generated, the action text must reach the prompt
+    from raydistill.engines.fixed_action import FixedActionEngine, default_action
+
+    inner = TokenScript(tok, ["", ""])
+    eng = FixedActionEngine(IncrementalPromptEngine(inner), default_action(3, tool=None))
+    msgs = episode_prefix("q?", "teacher", [])
+    [c] = asyncio.run(eng.generate(ChatRequest(messages=msgs), SamplingParams(max_tokens=8)))
+    assert c.token_ids == [] and c.text.startswith("Thought:")
+    msgs += [{"role": "assistant", "content": c.text + "<end_code>"}, {"role": "user", "content": "Observation: ok"}]
+    asyncio.run(eng.generate(ChatRequest(messages=msgs), SamplingParams(max_tokens=8)))
+    assert inner.prompts[1] == _full(tok, msgs)
+    assert eng.inner.counters["generated_spliced"] == 0
