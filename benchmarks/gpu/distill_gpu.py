@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 
 from raydistill.stages.local_head import LocalRayHead  # noqa: E402
+from raydistill.stages.ray_init import WORKER_ENV  # noqa: E402
 
 
 def weights_dir(shape_dir: Path, dst: Path, seed: int = 0) -> Path:
@@ -203,9 +204,8 @@ def main() -> int:
         timeout = args.timeout or 480
     prep_s = time.monotonic() - t_start
     argv = [sys.executable, "workflows/distill.py", "--config", str(config), *overrides]
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), TOKENIZERS_PARALLELISM="false",
-               NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    env = dict(os.environ, **WORKER_ENV, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_hex(32))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
     result: dict = {"mode": "cpu" if args.cpu else "gpu", "config": str(config), "overrides": overrides,

@@ -25,27 +25,26 @@ the 5-step means gave a scaling of 0.78); 16 steps average the grouping out.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-
-# NVLink multicast stays off on shared multi-GPU hosts (also inherited by Ray workers via ray_init).
-for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
-               "TOKENIZERS_PARALLELISM": "false", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-               "RAY_USAGE_STATS_ENABLED": "0",
-               # as raydistill.train.loop.default_env sets in every Ray Train worker: the plain loop matches
-               "TORCH_CUDNN_SDPA_PREFERRED": "0", "TORCH_CUDNN_SDPA_DEPRIORITIZED": "1"}.items():
-    os.environ.setdefault(_k, _v)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
+import platform
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+from raydistill.train.loop import default_env  # noqa: E402
+
+# What every Ray Train worker of the stage sets (NVLink multicast off, cuDNN attention not preferred), so the
+# plain loop in this process matches; and Ray on loopback without usage stats.
+default_env()
+for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    os.environ.setdefault(_k, _v)
 
 QWEN15B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                intermediate_size=8960, vocab_size=151936)

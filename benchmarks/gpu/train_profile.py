@@ -30,24 +30,24 @@ $OUT/train_profile_tables.txt.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import logging
 import os
-
-for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
-               "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(_k, _v)
-# NOT setting TORCH_CUDNN_SDPA_PREFERRED here: `*_default` variants must see torch's own backend choice.
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
+import sys
+import time
+import traceback
+from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
+
+from raydistill.config.ray import MULTICAST_OFF  # noqa: E402
+
+for _k, _v in {**MULTICAST_OFF, "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_k, _v)
+# NOT setting TORCH_CUDNN_SDPA_PREFERRED here: `*_default` variants must see torch's own backend choice.
 
 import train_gpu as tg  # noqa: E402
 

@@ -13,18 +13,10 @@ import logging
 import os
 from collections.abc import Mapping
 
-from raydistill.config.ray import RayConfig
+from raydistill.config.ray import MULTICAST_OFF, RayConfig
 
 log = logging.getLogger(__name__)
 
-# NVLink multicast off (NCCL, PyTorch symmetric memory, NVSHMEM): on shared multi-GPU hosts a program using it
-# can take the host's GPUs out of service. Also in cluster/runtime_env.yaml, the KubeRay manifests and the
-# GPU Dockerfile, so they hold for workers started by anything, not only by this driver.
-MULTICAST_OFF = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
 # Propagated to every Ray worker.
 WORKER_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import torch
 
+from raydistill.config.ray import MULTICAST_OFF
 from raydistill.train.packing import MicroBatch, Sample, dummy_micro_batch, loss_sum, plan_micro_batches
 
 log = logging.getLogger(__name__)
@@ -526,8 +527,7 @@ def default_env() -> dict[str, str]:
     keeps cuDNN out of its own calls; these variables (read once, at the first SDPA call; the name changed
     between torch releases) do the same for HF's `sdpa` path. Existing values win.
     """
-    env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "TORCH_CUDNN_SDPA_PREFERRED": "0",
+    env = {**MULTICAST_OFF, "TOKENIZERS_PARALLELISM": "false", "TORCH_CUDNN_SDPA_PREFERRED": "0",
            "TORCH_CUDNN_SDPA_DEPRIORITIZED": "1"}
     for k, v in env.items():
         os.environ.setdefault(k, v)
