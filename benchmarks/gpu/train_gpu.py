@@ -4,20 +4,20 @@ Measures, in one run on one host (meant for `nvidia-h200-x2`):
   plain      a plain single-process transformers + peft loop on GPU 0 (same data, same packing, same settings)
   ddp1/ddp2  the stage's Ray Train loop, DDP, 1 and 2 workers (one GPU each)
   zero2_1/2  the same with DeepSpeed ZeRO-2
-  anchor     ZeRO-2, 1 worker, on anchor-shaped data (all samples 4096 random tokens, loss on every token), so
-             packing rows of 16384 tokens = micro-batch 4 x seq 4096: directly comparable to the 24.0k tokens/s
-             anchor (H200, Ray Train 1 worker, ZeRO-2, r64 all-linear, grad checkpointing, bf16)
+  zero2_1_16k  ZeRO-2, 1 worker, rows of 16384 tokens instead of the stage default 32768
+  anchor     ZeRO-2, 1 worker, on anchor-shaped data (all samples 4096 random tokens, loss on every token), rows
+             of 16384 tokens = micro-batch 4 x seq 4096: directly comparable to the 24.0k tokens/s anchor (H200,
+             Ray Train 1 worker, ZeRO-2, r64 all-linear, grad checkpointing, bf16)
 and prints tokens/s (all real tokens, per step incl. data wait), per GPU, scaling efficiency 2 vs 1 GPU,
 the stage vs the plain loop, and per-GPU vs the anchor; writes everything to $OUT/train_gpu.json.
 
 Settings (METHOD.md §4): LoRA r64 / alpha 128 / dropout 0.05 on all linear layers, AdamW lr 2e-4, linear
-schedule, bf16, gradient checkpointing, effective batch 8 trajectories, packed rows of <= 16384 tokens.
+schedule, bf16, gradient checkpointing, effective batch 8 trajectories, packed rows of <= 32768 tokens (--max-tokens).
 Data: uniform 500-8000 tokens per trajectory, ~40% loss tokens (assistant turns between observations).
-Steps: 2 warm-up + 16 measured per configuration (~7 minutes in all on 2 H200s, incl. model creation). With 5
-measured steps (the 2026-11-22 runs) the 1- and 2-GPU runs saw different groupings of random-length
-trajectories, and whether a rank needed a second, small micro-batch in a step changed that step's time a lot
-(final step: 2 GPUs x 1 micro-batch 0.73 s for 30.8k tokens, 1 GPU x 2 micro-batches 1.49 s for 32.1k, while
-the 5-step means gave a scaling of 0.78); 16 steps average the grouping out.
+Steps: 2 warm-up + 16 measured per configuration (~8 minutes in all on 2 H200s, incl. model creation); each
+result keeps its per-step [tokens, seconds, micro-batches, data wait] (`per_step`). A step's time follows its
+number of micro-batches more than its tokens (~0.4 s host cost each), which is why the stage deals rows evenly
+and defaults to 32,768-token rows (docs/benchmarks.md, Training, fourth session).
 
     PYTHONPATH=/tmp/site:$PWD python benchmarks/gpu/train_gpu.py            # on the GPU machine
     python benchmarks/gpu/train_gpu.py --tiny --only plain,ddp1,ddp2        # CPU smoke run (tiny model)
@@ -51,7 +51,7 @@ QWEN15B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, n
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=2048)
 ANCHOR_TOK_S = 24_000.0
-CONFIGS = ("plain", "ddp1", "ddp2", "zero2_1", "zero2_2", "anchor")
+CONFIGS = ("plain", "ddp1", "ddp2", "zero2_1", "zero2_2", "zero2_1_16k", "anchor")
 
 
 def log(msg: str) -> None:
@@ -134,8 +134,12 @@ def summarize(metrics: list[dict], warmup: int, gpus: int) -> dict:
             "loss_tokens_frac": round(sum(m["loss_tokens"] for m in timed) / max(tokens, 1), 3),
             "padded_frac": round(1 - tokens / max(sum(m["padded_tokens"] for m in timed), 1), 4),
             "dummy_micro_batches": sum(m.get("dummy_micro_batches", 0) for m in timed),
+            "micro_batches": sum(m.get("micro_batches", 0) for m in timed),
+            "data_s": round(sum(m.get("data_s", 0) for m in timed), 3),
             "max_memory_gb": max((m.get("max_memory_gb", 0) for m in metrics), default=None),
-            "loss_first_last": [round(metrics[0]["loss"], 4), round(metrics[-1]["loss"], 4)]}
+            "loss_first_last": [round(metrics[0]["loss"], 4), round(metrics[-1]["loss"], 4)],
+            "per_step": [[m["tokens"], round(m["step_time_s"], 3), m.get("micro_batches"), m.get("data_s")]
+                         for m in timed]}
 
 
 # ------------------------------------------------------------------------------------------- plain loop
@@ -172,7 +176,8 @@ def plain_loop(model_dir: str, rows: list[dict], a: dict, queue) -> None:
             batch = [Sample.from_row(r) for r in rows[(step - 1) * a["batch"]: step * a["batch"]]]
             n_targets = sum(s.num_targets for s in batch)
             loss_total = 0.0
-            for mb in pack(batch, a["max_tokens"], a["pad"], 0):
+            mbs = pack(batch, a["max_tokens"], a["pad"], 0)
+            for mb in mbs:
                 with autocast:
                     loss = loss_sum(model, mb, device, attn.startswith("flash"))
                 (loss / n_targets).backward()
@@ -187,6 +192,7 @@ def plain_loop(model_dir: str, rows: list[dict], a: dict, queue) -> None:
             tokens = sum(len(s) for s in batch)
             metrics.append({"step": step, "loss": loss_total / n_targets, "tokens": tokens,
                             "loss_tokens": n_targets, "padded_tokens": tokens, "step_time_s": dt,
+                            "micro_batches": len(mbs),
                             "max_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else 0})
             print(f"plain step {step}: {tokens / dt:.0f} tokens/s", flush=True)
         queue.put({"metrics": metrics, "attn": attn_path})
@@ -210,14 +216,14 @@ def run_plain(model_dir: str, rows: list[dict], a: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------- Ray runs
 def run_ray(name: str, model_dir: str, files: list[str], n_rows: int, strategy: str, workers: int, a: dict,
-            root: Path) -> dict:
+            root: Path, max_tokens: int) -> dict:
     from raydistill.stages.train import make_trainer
     from raydistill.train.loop import METRICS_FILE, LoopSettings
 
     s = LoopSettings(model=model_dir, dataset_rows=n_rows, strategy=strategy, use_gpu=a["gpu"], bf16=True,
                      attn_implementation="auto", gradient_checkpointing=True, lora_r=a["r"], lora_alpha=2 * a["r"],
                      lora_dropout=0.05, lr=2e-4, epochs=1, effective_batch_size=a["batch"],
-                     max_tokens_per_batch=a["max_tokens"], pad_to_multiple_of=a["pad"], max_steps=a["steps"],
+                     max_tokens_per_batch=max_tokens, pad_to_multiple_of=a["pad"], max_steps=a["steps"],
                      checkpoint_every_steps=10**6,
                      seed=0, shuffle_buffer=0, progress=False, live_metrics_path=str(root / name / METRICS_FILE))
     trainer = make_trainer(s, files, num_workers=workers, use_gpu=a["gpu"], cpus_per_worker=a["cpus_per_worker"],
@@ -238,6 +244,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--measure", type=int, default=16)
     ap.add_argument("--pad", type=int, default=64, help="pad packed rows to a multiple of this (stage default 64)")
+    ap.add_argument("--max-tokens", type=int, default=32768, help="tokens per packed micro-batch (the stage default)")
     ap.add_argument("--workdir", default="/tmp/raydistill-train-bench")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -252,7 +259,7 @@ def main() -> int:
     n_gpus = torch.cuda.device_count() if gpu else 0
     shape = TINY if args.tiny else QWEN15B
     steps = args.warmup + args.measure
-    a = {"gpu": gpu, "r": 8 if args.tiny else 64, "batch": 8, "max_tokens": 1024 if args.tiny else 16384,
+    a = {"gpu": gpu, "r": 8 if args.tiny else 64, "batch": 8, "max_tokens": 1024 if args.tiny else args.max_tokens,
          "steps": steps, "cpus_per_worker": 0.5 if args.tiny else 4, "pad": args.pad}
     root = Path(args.workdir)
     shutil.rmtree(root / "ckpt", ignore_errors=True)
@@ -287,7 +294,8 @@ def main() -> int:
             results["plain"] = {"error": str(e)[:2000]}
         log(f"plain: {results['plain']}")
     ray_cfgs = [(c, strat, w) for c, strat, w in (("ddp1", "ddp", 1), ("ddp2", "ddp", 2), ("zero2_1", "zero2", 1),
-                                                  ("zero2_2", "zero2", 2), ("anchor", "zero2", 1)) if c in only]
+                                                  ("zero2_2", "zero2", 2), ("zero2_1_16k", "zero2", 1),
+                                                  ("anchor", "zero2", 1)) if c in only]
     if ray_cfgs:
         from raydistill.config.ray import RayConfig
         from raydistill.stages.ray_init import init_ray
@@ -307,8 +315,10 @@ def main() -> int:
                 continue
             f, n = (a_files, len(a_rows)) if name == "anchor" else (files, len(rows))
             try:
-                out = run_ray(name, str(model_dir), f, n, strategy, workers, a, root)
-                results[name] = {"gpus": workers, "strategy": strategy, "wall_s": out["wall_s"],
+                mt = min(a["max_tokens"], 1024 if args.tiny else 16384) if name in ("anchor", "zero2_1_16k") \
+                    else a["max_tokens"]
+                out = run_ray(name, str(model_dir), f, n, strategy, workers, a, root, mt)
+                results[name] = {"gpus": workers, "strategy": strategy, "max_tokens": mt, "wall_s": out["wall_s"],
                                  "attn": out["metrics"][-1].get("attn") if out["metrics"] else None,
                                  **summarize(out["metrics"], args.warmup, workers)}
             except Exception as e:
@@ -327,7 +337,7 @@ def main() -> int:
         if one and tps("plain"):
             derived[f"{strat}_1gpu_vs_plain"] = round(one / tps("plain"), 3)
     if not args.tiny:
-        for name in ("ddp1", "ddp2", "zero2_1", "zero2_2", "anchor", "plain"):
+        for name in ("ddp1", "ddp2", "zero2_1", "zero2_2", "zero2_1_16k", "anchor", "plain"):
             if tps(name, True):
                 derived[f"{name}_per_gpu_vs_anchor_24.0k"] = round(tps(name, True) / ANCHOR_TOK_S, 3)
     report = {"env": env, "settings": {**a, "warmup_steps": args.warmup, "measured_steps": args.measure,

@@ -66,7 +66,7 @@ class LoopSettings:
     effective_batch_size: int = 8
     micro_batch_size: int = 1
     packing: bool = True
-    max_tokens_per_batch: int = 16_384
+    max_tokens_per_batch: int = 32_768
     pad_to_multiple_of: int = 1
     max_steps: int | None = None
     checkpoint_every_steps: int = 50
@@ -438,6 +438,7 @@ def run(settings: LoopSettings | dict, rt: Runtime) -> dict:
             t0 = time.perf_counter()
             local = next(batches, [])
             shares = _all_gather(local, rt)
+            data_s = time.perf_counter() - t0  # reading + sharing the batch, the device idle
             if not all(shares):  # some worker's shard is exhausted: the epoch ends for everyone together
                 break
             batch = [x for share in shares for x in share]  # the global batch, in rank order, on every worker
@@ -457,6 +458,7 @@ def run(settings: LoopSettings | dict, rt: Runtime) -> dict:
             grad_norm = eng.step()
             loss_total, padded_total = _all_reduce(
                 [float(loss_acc.item()), float(sum(mb.padded_tokens for mb in mbs))], "sum", rt.device)
+            (data_s,) = _all_reduce([data_s], "max", rt.device)
             tokens_total, samples_total = sum(len(x) for x in batch), len(batch)
             dt = time.perf_counter() - t0
             step += 1
@@ -466,7 +468,7 @@ def run(settings: LoopSettings | dict, rt: Runtime) -> dict:
                     "grad_norm": grad_norm, "lr": lr, "tokens": int(tokens_total),
                     "loss_tokens": int(global_targets), "samples": int(samples_total),
                     "padded_tokens": int(padded_total), "micro_batches": n_max,
-                    "dummy_micro_batches": n_max - len(mbs), "step_time_s": round(dt, 4),
+                    "dummy_micro_batches": n_max - len(mbs), "step_time_s": round(dt, 4), "data_s": round(data_s, 4),
                     "tokens_per_s": tokens_total / dt, "tokens_per_s_per_worker": tokens_total / dt / rt.world_size,
                     "attn": eng.attn_path}
             if rt.device.type == "cuda":

@@ -45,7 +45,10 @@ def test_pack_fills_rows_without_losing_or_splitting_samples():
     assert all(r.num_tokens <= 512 for r in rows)
     assert sorted(n for r in rows for n in r.sample_lens) == sorted(len(s) for s in samples)
     assert sum(r.num_targets for r in rows) == sum(s.num_targets for s in samples)
-    assert len(rows) == 4  # first-fit decreasing: 511 | 500+10 | 300+200 | 120+90+60
+    # as few rows as first-fit decreasing (511 | 500+10 | 300+200 | 120+90+60), then evened out
+    assert [r.sample_lens for r in rows] == [[511], [500], [300, 90], [200, 120, 60, 10]]
+    # evening out never costs a row: dealing 7,7,6,3,3,2,2 into 3 rows of 10 strands the last 2, so FFD's rows stay
+    assert [r.sample_lens for r in pack(_samples([7, 7, 6, 3, 3, 2, 2]), max_tokens=10)] == [[7, 3], [7, 3], [6, 2, 2]]
     with pytest.raises(ValueError, match="max_tokens_per_batch"):
         pack(_samples([600]), max_tokens=512)
 
