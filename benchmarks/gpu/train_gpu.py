@@ -40,12 +40,6 @@ sys.path.insert(0, str(REPO))
 
 from raydistill.train.loop import default_env  # noqa: E402
 
-# What every Ray Train worker of the stage sets (NVLink multicast off, cuDNN attention not preferred), so the
-# plain loop in this process matches; and Ray on loopback without usage stats.
-default_env()
-for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-    os.environ.setdefault(_k, _v)
-
 QWEN15B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                intermediate_size=8960, vocab_size=151936)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -238,6 +232,12 @@ def run_ray(name: str, model_dir: str, files: list[str], n_rows: int, strategy: 
 
 
 def main() -> int:
+    # What every Ray Train worker of the stage sets (NVLink multicast off, cuDNN attention not preferred), so the
+    # plain loop (spawned from here, inheriting it) matches; and Ray on loopback without usage stats. Set here,
+    # not at import: train_profile.py imports this module and its `*_default` variants need torch's defaults.
+    default_env()
+    for k, v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+        os.environ.setdefault(k, v)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model, short samples, gloo")
     ap.add_argument("--only", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")

@@ -373,10 +373,20 @@ class TeacherWorker:
     def _temperature(self) -> float | None:
         return self.cfg.generate.sample_temperature if self.cfg.generate.samples_per_question > 1 else None
 
-    async def _sandbox(self) -> Any:
+    def _sandbox(self) -> Any:
+        """A factory the episode calls at its start and awaits at its first code step (creation overlaps the
+        first generation); None: run_episode makes a local Sandbox with self.tools."""
         if self.sandbox_pool is None:
-            return None  # run_episode makes a local Sandbox with self.tools
-        return await self.sandbox_pool.create(tools=self.tools)
+            return None
+
+        async def make() -> Any:
+            t0 = time.perf_counter()
+            try:
+                return await self.sandbox_pool.create(tools=self.tools)
+            finally:
+                self.phases["sandbox_create"] += time.perf_counter() - t0
+
+        return make
 
     async def run_one(self, row: dict[str, Any]) -> Trajectory:
         """One episode (or CoT answer) for one row; never raises except on cancellation."""
@@ -391,10 +401,8 @@ class TeacherWorker:
                                      temperature=self._temperature(),
                                      max_tokens=self.cfg.generate.cot_max_new_tokens)
             else:
-                t0 = time.perf_counter()
-                sandbox = await self._sandbox()
                 t1 = time.perf_counter()
-                self.phases["sandbox_create"] += t1 - t0
+                sandbox = self._sandbox()
                 traj = await run_episode(self.engine, sandbox, record, self.cfg.agent, role="teacher",
                                          tools=self.tools if sandbox is None else list(self.tools),
                                          sample=int(row["sample"]), seed=seed, temperature=self._temperature())

@@ -226,3 +226,56 @@ def test_cancelling_an_episode_closes_its_sandbox():
 
     asyncio.run(go())
     assert len(made) == 1 and "closed=True" in repr(made[0])
+
+
+def test_sandbox_is_made_while_the_first_step_generates():
+    """The factory is started, not awaited, before the first generation: here it only finishes once the engine
+    has been called, which would deadlock an episode that waited for its sandbox first."""
+    from raydistill.sandbox import Sandbox
+
+    eng = ScriptedEngine(outputs=[code("x = 40 + 2"), code("final_answer(x)")])
+
+    async def factory():
+        while not eng.calls:
+            await asyncio.sleep(0.01)
+        return Sandbox()
+
+    t = asyncio.run(asyncio.wait_for(run_episode(eng, factory, Q, AgentConfig()), 60))
+    assert t.error is None and t.final_answer == "42" and len(t.steps) == 2
+
+
+def test_sandbox_creation_failure_is_a_recorded_step_failure():
+    async def factory():
+        raise RuntimeError("no room for sandboxes")
+
+    t = asyncio.run(run_episode(ScriptedEngine(outputs=[code("x = 1")]), factory, Q, AgentConfig()))
+    assert t.error == "sandbox failure: RuntimeError: no room for sandboxes"
+    assert len(t.steps) == 1 and t.steps[0].exec_error and "no room" in t.steps[0].observation
+
+
+def test_a_sandbox_made_after_its_episode_ended_is_closed():
+    from raydistill.sandbox import Sandbox
+
+    made = []
+
+    async def factory():
+        await asyncio.sleep(0.5)  # still being made when the episode is cancelled
+        made.append(Sandbox())
+        return made[-1]
+
+    async def go():
+        eng = ScriptedEngine(outputs=[code("x = 1")], delay_s=30)
+        task = asyncio.create_task(run_episode(eng, factory, Q, AgentConfig()))
+        while not eng.calls:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not made
+        for _ in range(500):
+            if made and "closed=True" in repr(made[0]):
+                break
+            await asyncio.sleep(0.02)
+
+    asyncio.run(go())
+    assert len(made) == 1 and "closed=True" in repr(made[0])

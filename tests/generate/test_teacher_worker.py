@@ -56,7 +56,11 @@ def test_episode_failures_are_recorded_not_raised(tmp_path):
     w = _worker(tmp_path / "b", kind="agent", script=["```py\nprint(1)\n```"], sandbox_pool=BrokenPool())
     out = asyncio.run(w(_rows(2)))
     trajs, _ = TrajectoryStore(tmp_path / "b/out").read()
-    assert len(trajs) == 2 and all(t.error == "worker: ConnectionError: sandbox pool unreachable" for t in trajs)
+    # the sandbox is awaited at the first code step (its creation overlaps the first generation), so the failure
+    # is that step's recorded sandbox failure
+    assert out["reason"] == ["error", "error"]
+    assert len(trajs) == 2 and all(t.error == "sandbox failure: ConnectionError: sandbox pool unreachable"
+                                   and len(t.steps) == 1 and t.steps[0].exec_error for t in trajs)
     assert all(t.kind == "agent" and t.rejected is None and t.correct is False for t in trajs)
 
 
