@@ -4,8 +4,12 @@ vs sandboxes started inside the calling actor - the choice behind the teacher ac
 The teacher actor's one event loop also runs vLLM's output handler, so every millisecond of loop CPU per sandbox
 step is taken from the engine. The GPU generate benchmark saw Ray's `submit_actor_task` at ~14% of that loop's
 samples. This runs the same call pattern (create, K steps, close; C episodes at a time) from an async Ray actor,
-both ways, in one run, and prints the loop thread's CPU per step (`time.thread_time` on the loop thread), process
-CPU per step and wall per step. Figures are per process on this machine; compare the two rows of one run.
+in one run, and prints the loop thread's CPU per step (`time.thread_time` on the loop thread), process CPU per
+step and wall per step. Figures are per process on this machine; compare the rows of one run. Every sandbox gets
+a `web_search` tool (a closure over a Ray actor handle, as the teacher's):
+  pool             SandboxPool.create(tools=...): the mapping is shipped to each host once, then named by key
+  pool_ship_tools  the previous path: the tools pickled into every create call
+  in_actor         sandboxes started inside the calling actor
 
     python benchmarks/sandbox_calls.py                       # 64 episodes x 5 steps, 16 at a time
     python benchmarks/sandbox_calls.py --episodes 128 --concurrency 32
@@ -35,16 +39,22 @@ def make_caller():
     class Caller:
         """Stands in for the teacher actor: one event loop, many concurrent episodes."""
 
-        def __init__(self, pool) -> None:
+        def __init__(self, pool, tools: dict) -> None:
             self.pool = pool
+            self.tools = tools
 
         async def measure(self, mode: str, episodes: int, steps: int, concurrency: int) -> dict:
+            from raydistill.actors.sandbox_pool import SandboxHandle
             from raydistill.sandbox import Sandbox
 
             async def create():
                 if mode == "pool":
-                    return await self.pool.create()
-                sb = Sandbox()
+                    return await self.pool.create(tools=self.tools)
+                if mode == "pool_ship_tools":
+                    actor = self.pool._pick()  # the same round robin as create
+                    sid, info = await actor.create.remote(dict(self.tools))
+                    return SandboxHandle(actor, sid, info)
+                sb = Sandbox(tools=self.tools)
                 await sb.aready()
                 return sb
 
@@ -84,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from raydistill.actors.retriever import make_web_search_tool
     from raydistill.actors.sandbox_pool import SandboxPool
     from raydistill.config import RootConfig
     from raydistill.stages.ray_init import init_ray
@@ -92,21 +103,30 @@ def main(argv: list[str] | None = None) -> int:
                                      "sandbox": {"pool": {"num_actors": a.pool_actors, "num_cpus_per_actor": 0.1}}})
     init_ray(cfg.ray)
     try:
+        @ray.remote(num_cpus=0.05)
+        class Retriever:
+            async def web_search(self, query: str, k: int | None = None) -> str:
+                return f"About {query}"
+
         pool = SandboxPool(cfg.sandbox)
-        caller = make_caller().remote(pool)
-        rows = [ray.get(caller.measure.remote(m, a.episodes, a.steps, a.concurrency)) for m in ("pool", "in_actor")]
+        caller = make_caller().remote(pool, {"web_search": make_web_search_tool(Retriever.remote())})
+        rows = [ray.get(caller.measure.remote(m, a.episodes, a.steps, a.concurrency))
+                for m in ("pool_ship_tools", "pool", "in_actor")]
         pool.shutdown()
     finally:
         ray.shutdown()
     by = {r["mode"]: r for r in rows}
     res = {"rows": rows, "loop_cpu_pool_over_in_actor": round(by["pool"]["loop_cpu_ms_per_step"]
                                                                / max(1e-9, by["in_actor"]["loop_cpu_ms_per_step"]), 2),
+           "loop_cpu_ship_tools_over_pool": round(by["pool_ship_tools"]["loop_cpu_ms_per_step"]
+                                                  / max(1e-9, by["pool"]["loop_cpu_ms_per_step"]), 2),
            "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version(),
            "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     for r in rows:
         print(f"  {r['mode']:>8}: {r['steps']} steps ({r['ok_steps']} right) wall {r['wall_ms_per_step']} ms/step, "
               f"loop-thread CPU {r['loop_cpu_ms_per_step']} ms/step, process CPU {r['proc_cpu_ms_per_step']} ms/step")
-    print(f"loop CPU per step, pool / in-actor = {res['loop_cpu_pool_over_in_actor']}")
+    print(f"loop CPU per step, pool / in-actor = {res['loop_cpu_pool_over_in_actor']}; tools shipped every create "
+          f"/ registered once = {res['loop_cpu_ship_tools_over_pool']}")
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     print("RESULT " + json.dumps(res))

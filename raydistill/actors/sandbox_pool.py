@@ -6,7 +6,10 @@
 
 Sticky: a handle names its actor, and every call (and every fork, which lives next to its parent's
 state) goes to that actor. Tools run in the actor process, outside the sandbox: pass plain callables
-(sync or async), Ray actor methods (`retriever.search`), or `RayActorTool(handle, "method")`.
+(sync or async), Ray actor methods (`retriever.search`), or `RayActorTool(handle, "method")`. A tools
+mapping is shipped to each actor once (per pool object in a process) and named by a key after that: pickling
+a tool closure with its actor handle cost the caller's event loop ~0.7 ms per create (benchmarks/sandbox_calls.py
+--tools), more than the call itself. Treat a mapping handed to `create` as frozen.
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ def _adapt_tool(fn: Any) -> Callable:
     raise TypeError(f"tool {fn!r} is neither callable nor a Ray remote method")
 
 
+class UnknownToolsError(SandboxError):
+    """The actor does not hold this tools key (it restarted since it was registered): register again."""
+
+
 @ray.remote(max_restarts=3)
 class SandboxHost:
     """Holds sandboxes by id; every method is async so one actor serves hundreds of episodes at once."""
@@ -63,6 +70,7 @@ class SandboxHost:
         self.cfg = SandboxConfig.model_validate(config)
         self.boxes: dict[str, Sandbox] = {}
         self.last_used: dict[str, float] = {}
+        self.toolsets: dict[str, dict[str, Callable]] = {}
         self._slots: asyncio.Semaphore | None = None
         self._reaper: asyncio.Task | None = None
 
@@ -85,9 +93,19 @@ class SandboxHost:
         self.last_used[sid] = time.monotonic()
         return sid
 
-    async def create(self, tools: Mapping[str, Any] | None = None) -> tuple[str, dict]:
+    async def add_tools(self, key: str, tools: Mapping[str, Any]) -> None:
+        self.toolsets[key] = {k: _adapt_tool(v) for k, v in dict(tools).items()}
+
+    async def create(self, tools: Mapping[str, Any] | None = None, tools_key: str | None = None
+                     ) -> tuple[str, dict]:
         self._ensure_loop_state()
-        sb = Sandbox(tools={k: _adapt_tool(v) for k, v in dict(tools or {}).items()}, config=self.cfg)
+        if tools_key is not None:
+            if tools_key not in self.toolsets:
+                raise UnknownToolsError(f"tools {tools_key} are not registered on this actor")
+            adapted = self.toolsets[tools_key]
+        else:
+            adapted = {k: _adapt_tool(v) for k, v in dict(tools or {}).items()}
+        sb = Sandbox(tools=adapted, config=self.cfg)
         try:
             await sb.aready()
         except BaseException:
@@ -112,7 +130,8 @@ class SandboxHost:
             await sb.aclose()
 
     async def stats(self) -> dict:
-        return {"sandboxes": len(self.boxes), "node": ray.get_runtime_context().get_node_id()}
+        return {"sandboxes": len(self.boxes), "toolsets": len(self.toolsets),
+                "node": ray.get_runtime_context().get_node_id()}
 
     async def _reap_idle(self) -> None:
         ttl = self.cfg.pool.idle_timeout_s
@@ -187,6 +206,7 @@ class SandboxPool:
         self.actors = [SandboxHost.options(num_cpus=cpus, max_concurrency=10_000).remote(self.config.model_dump())
                        for _ in range(n)]
         self._next = itertools.count(random.randrange(n))
+        self._toolsets: dict[int, tuple[Mapping, str, dict[int, Any]]] = {}
 
     def __getstate__(self) -> dict:
         return {"config": self.config.model_dump(), "actors": self.actors}
@@ -195,13 +215,43 @@ class SandboxPool:
         self.config = SandboxConfig.model_validate(state["config"])
         self.actors = state["actors"]
         self._next = itertools.count(random.randrange(len(self.actors)))
+        self._toolsets = {}
 
     def _pick(self) -> Any:
         return self.actors[next(self._next) % len(self.actors)]
 
+    async def _register(self, i: int, tools: Mapping[str, Any], stale: Any = None) -> str:
+        """Ship `tools` to actor i once and return their key. Concurrent creates await the same registration
+        (an ObjectRef can be awaited any number of times, from any loop); `stale`: a registration the actor
+        no longer holds (it restarted), replaced once however many creates saw it fail."""
+        entry = self._toolsets.get(id(tools))
+        if entry is None or entry[0] is not tools:  # the entry keeps the mapping alive, so ids are not reused
+            entry = self._toolsets[id(tools)] = (tools, uuid.uuid4().hex, {})
+        _, key, regs = entry
+        ref = regs.get(i)
+        if ref is None or ref is stale:
+            ref = regs[i] = self.actors[i].add_tools.remote(key, dict(tools))
+        try:
+            await ref
+        except Exception:
+            if regs.get(i) is ref:
+                del regs[i]  # the next create tries again
+            raise
+        return key
+
     async def create(self, tools: Mapping[str, Any] | None = None) -> SandboxHandle:
-        actor = self._pick()
-        sid, info = await actor.create.remote(dict(tools or {}))
+        i = next(self._next) % len(self.actors)
+        actor = self.actors[i]
+        if not tools:
+            sid, info = await actor.create.remote({})
+            return SandboxHandle(actor, sid, info)
+        key = await self._register(i, tools)
+        ref = self._toolsets[id(tools)][2].get(i)
+        try:
+            sid, info = await actor.create.remote(None, key)
+        except UnknownToolsError:  # the actor restarted since and lost them: register once more
+            await self._register(i, tools, stale=ref)
+            sid, info = await actor.create.remote(None, key)
         return SandboxHandle(actor, sid, info)
 
     acquire = create

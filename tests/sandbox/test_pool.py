@@ -4,6 +4,7 @@ Ray actor methods, handles used from other Ray workers."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -105,3 +106,45 @@ def test_pool_survives_hostile_code(pool):
         await h.aclose()
 
     asyncio.run(main())
+
+
+def test_tools_are_shipped_once_per_actor_and_again_after_a_restart(ray_sandbox_cluster, retriever):
+    import ray
+
+    from raydistill.actors.sandbox_pool import RayActorTool, SandboxPool
+
+    class Counting(RayActorTool):  # counts how often the tool is pickled, i.e. shipped to an actor
+        shipped = 0
+
+        def __reduce__(self):
+            Counting.shipped += 1
+            return RayActorTool, (self.handle, self.method)
+
+    pool = SandboxPool(num_actors=1, num_cpus_per_actor=0.25, step_timeout_s=10)
+    tools = {"web_search": Counting(retriever, "search")}
+
+    async def use(n: int) -> list[str]:
+        hs = await asyncio.gather(*(pool.create(tools=tools) for _ in range(n)))
+        outs = [(await h.arun("web_search('Oslo').splitlines()[1]")).value for h in hs]
+        await asyncio.gather(*(h.aclose() for h in hs))
+        return outs
+
+    try:
+        assert asyncio.run(use(3)) == ["'About Oslo'"] * 3  # 3 creates at once share one registration
+        shipped = Counting.shipped
+        assert shipped == 1
+        assert asyncio.run(use(4)) == ["'About Oslo'"] * 4
+        assert Counting.shipped == shipped  # later creates name the registered tools by key
+        assert ray.get(pool.actors[0].stats.remote())["toolsets"] == 1
+        ray.kill(pool.actors[0], no_restart=False)  # the actor restarts empty
+        for _ in range(150):  # calls fail while it restarts (ActorUnavailableError), as any Ray caller sees
+            try:
+                if ray.get(pool.actors[0].stats.remote(), timeout=10)["toolsets"] == 0:
+                    break
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                pass
+            time.sleep(0.2)
+        assert asyncio.run(use(2)) == ["'About Oslo'"] * 2  # UnknownToolsError -> registered again
+        assert Counting.shipped == shipped + 1
+    finally:
+        pool.shutdown()
