@@ -7,9 +7,9 @@
 Sticky: a handle names its actor, and every call (and every fork, which lives next to its parent's
 state) goes to that actor. Tools run in the actor process, outside the sandbox: pass plain callables
 (sync or async), Ray actor methods (`retriever.search`), or `RayActorTool(handle, "method")`. A tools
-mapping is shipped to each actor once (per pool object in a process) and named by a key after that: pickling
-a tool closure with its actor handle cost the caller's event loop ~0.7 ms per create (benchmarks/sandbox_calls.py
---tools), more than the call itself. Treat a mapping handed to `create` as frozen.
+mapping (the same names bound to the same objects) is shipped to each actor once per pool object in a process
+and named by a key after that: pickling a tool closure with its actor handle cost the caller's event loop ~0.7
+ms per create, more than the call itself (docs/sandbox.md). Pool and hosts remember the last `MAX_TOOLSETS`.
 """
 
 from __future__ import annotations
@@ -58,6 +58,10 @@ def _adapt_tool(fn: Any) -> Callable:
     raise TypeError(f"tool {fn!r} is neither callable nor a Ray remote method")
 
 
+MAX_TOOLSETS = 64
+"""Tool mappings a pool (per process) and a host remember; callers normally use one or two."""
+
+
 class UnknownToolsError(SandboxError):
     """The actor does not hold this tools key (it restarted since it was registered): register again."""
 
@@ -95,6 +99,8 @@ class SandboxHost:
 
     async def add_tools(self, key: str, tools: Mapping[str, Any]) -> None:
         self.toolsets[key] = {k: _adapt_tool(v) for k, v in dict(tools).items()}
+        while len(self.toolsets) > MAX_TOOLSETS:  # oldest first; a create naming it gets UnknownToolsError
+            del self.toolsets[next(iter(self.toolsets))]
 
     async def create(self, tools: Mapping[str, Any] | None = None, tools_key: str | None = None
                      ) -> tuple[str, dict]:
@@ -206,7 +212,7 @@ class SandboxPool:
         self.actors = [SandboxHost.options(num_cpus=cpus, max_concurrency=10_000).remote(self.config.model_dump())
                        for _ in range(n)]
         self._next = itertools.count(random.randrange(n))
-        self._toolsets: dict[int, tuple[Mapping, str, dict[int, Any]]] = {}
+        self._toolsets: dict[tuple, tuple[list, str, dict[int, Any]]] = {}
 
     def __getstate__(self) -> dict:
         return {"config": self.config.model_dump(), "actors": self.actors}
@@ -220,13 +226,21 @@ class SandboxPool:
     def _pick(self) -> Any:
         return self.actors[next(self._next) % len(self.actors)]
 
-    async def _register(self, i: int, tools: Mapping[str, Any], stale: Any = None) -> str:
-        """Ship `tools` to actor i once and return their key. Concurrent creates await the same registration
-        (an ObjectRef can be awaited any number of times, from any loop); `stale`: a registration the actor
-        no longer holds (it restarted), replaced once however many creates saw it fail."""
-        entry = self._toolsets.get(id(tools))
-        if entry is None or entry[0] is not tools:  # the entry keeps the mapping alive, so ids are not reused
-            entry = self._toolsets[id(tools)] = (tools, uuid.uuid4().hex, {})
+    @staticmethod
+    def _tools_ident(tools: Mapping[str, Any]) -> tuple:
+        """Same names bound to the same objects = same tools, even in a new dict."""
+        return tuple(sorted((k, id(v)) for k, v in tools.items()))
+
+    async def _register(self, i: int, tools: Mapping[str, Any], stale: Any = None) -> tuple[str, Any]:
+        """Ship `tools` to actor i once; returns their key and the registration. Concurrent creates await the
+        same registration (an ObjectRef can be awaited any number of times, from any loop); `stale`: one the
+        actor no longer holds (it restarted), replaced once however many creates saw it fail."""
+        ident = self._tools_ident(tools)
+        entry = self._toolsets.get(ident)
+        if entry is None:  # the entry keeps the tool objects alive, so their ids are not reused
+            entry = self._toolsets[ident] = (list(tools.values()), uuid.uuid4().hex, {})
+            while len(self._toolsets) > MAX_TOOLSETS:
+                del self._toolsets[next(iter(self._toolsets))]
         _, key, regs = entry
         ref = regs.get(i)
         if ref is None or ref is stale:
@@ -237,7 +251,7 @@ class SandboxPool:
             if regs.get(i) is ref:
                 del regs[i]  # the next create tries again
             raise
-        return key
+        return key, ref
 
     async def create(self, tools: Mapping[str, Any] | None = None) -> SandboxHandle:
         i = next(self._next) % len(self.actors)
@@ -245,12 +259,11 @@ class SandboxPool:
         if not tools:
             sid, info = await actor.create.remote({})
             return SandboxHandle(actor, sid, info)
-        key = await self._register(i, tools)
-        ref = self._toolsets[id(tools)][2].get(i)
+        key, ref = await self._register(i, tools)
         try:
             sid, info = await actor.create.remote(None, key)
         except UnknownToolsError:  # the actor restarted since and lost them: register once more
-            await self._register(i, tools, stale=ref)
+            key, _ = await self._register(i, tools, stale=ref)
             sid, info = await actor.create.remote(None, key)
         return SandboxHandle(actor, sid, info)
 

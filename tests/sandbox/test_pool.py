@@ -124,7 +124,7 @@ def test_tools_are_shipped_once_per_actor_and_again_after_a_restart(ray_sandbox_
     tools = {"web_search": Counting(retriever, "search")}
 
     async def use(n: int) -> list[str]:
-        hs = await asyncio.gather(*(pool.create(tools=tools) for _ in range(n)))
+        hs = await asyncio.gather(*(pool.create(tools=dict(tools)) for _ in range(n)))  # new dicts, same tool
         outs = [(await h.arun("web_search('Oslo').splitlines()[1]")).value for h in hs]
         await asyncio.gather(*(h.aclose() for h in hs))
         return outs
