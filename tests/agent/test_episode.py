@@ -206,12 +206,16 @@ def test_bad_record_is_a_clear_error():
         asyncio.run(run_episode(ScriptedEngine(outputs=["x"]), None, {"id": "1"}, AgentConfig()))
 
 
-def test_cancelling_an_episode_closes_its_sandbox():
+@pytest.mark.parametrize("slow_factory", [False, True], ids=["made", "made_after_cancel"])
+def test_cancelling_an_episode_closes_its_sandbox(slow_factory):
+    """Also when the sandbox is still being made at the cancel: it is closed once it exists."""
     from raydistill.sandbox import Sandbox
 
     made = []
 
-    def factory():
+    async def factory():
+        if slow_factory:
+            await asyncio.sleep(0.5)
         made.append(Sandbox())
         return made[-1]
 
@@ -223,6 +227,11 @@ def test_cancelling_an_episode_closes_its_sandbox():
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        assert bool(made) is not slow_factory
+        for _ in range(500):
+            if made and "closed=True" in repr(made[0]):
+                break
+            await asyncio.sleep(0.02)
 
     asyncio.run(go())
     assert len(made) == 1 and "closed=True" in repr(made[0])
@@ -251,31 +260,3 @@ def test_sandbox_creation_failure_is_a_recorded_step_failure():
     t = asyncio.run(run_episode(ScriptedEngine(outputs=[code("x = 1")]), factory, Q, AgentConfig()))
     assert t.error == "sandbox failure: RuntimeError: no room for sandboxes"
     assert len(t.steps) == 1 and t.steps[0].exec_error and "no room" in t.steps[0].observation
-
-
-def test_a_sandbox_made_after_its_episode_ended_is_closed():
-    from raydistill.sandbox import Sandbox
-
-    made = []
-
-    async def factory():
-        await asyncio.sleep(0.5)  # still being made when the episode is cancelled
-        made.append(Sandbox())
-        return made[-1]
-
-    async def go():
-        eng = ScriptedEngine(outputs=[code("x = 1")], delay_s=30)
-        task = asyncio.create_task(run_episode(eng, factory, Q, AgentConfig()))
-        while not eng.calls:
-            await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert not made
-        for _ in range(500):
-            if made and "closed=True" in repr(made[0]):
-                break
-            await asyncio.sleep(0.02)
-
-    asyncio.run(go())
-    assert len(made) == 1 and "closed=True" in repr(made[0])
