@@ -154,7 +154,9 @@ def test_actor_coalesces_concurrent_calls(service, corpus):
     assert all(len(h) == 3 for h in results) and hit1 >= 0.9
     # different k in one batch: each caller gets its own k
     a, b = ray.get([service.search.remote(["Evan Morris"], 1), service.search.remote(["Evan Morris"], 5)])
-    assert len(a[0]) == 1 and len(b[0]) == 5 and a[0][0] == b[0][0]
+    assert len(a[0]) == 1 and len(b[0]) == 5 and (a[0][0].row, a[0][0].id) == (b[0][0].row, b[0][0].id)
+    # the two queries may be embedded in different batches: scores agree to float noise, not bit for bit
+    assert a[0][0].score == pytest.approx(b[0][0].score, abs=1e-5)
 
 
 def test_web_search_tool_end_to_end_through_a_sandbox(service):
