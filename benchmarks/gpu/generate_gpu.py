@@ -83,12 +83,14 @@ class LoopProbe:
       - CPU seconds of the loop thread and of the whole process (frontend) vs wall;
       - garbage collections (gc.callbacks: count and pause per generation, longest pause): a collection holds
         the GIL, so the stack sampler cannot see it, but the loop stalls for its whole length;
+      - stalls (the lag task woke >= `stall_s` late): how many, and the loop-thread stacks sampled inside them
+        (none sampled: something held the GIL in C the whole time, e.g. a collection);
       - vLLM's own counters (prometheus registry in this process when log stats are on): prefix-cache
         queries/hits, preemptions, prompt/generation tokens, mean queue time / TTFT / inter-token latency.
     One window at a time: start(name) ... summary()."""
 
-    def __init__(self, tick_s: float = 0.005, sample_s: float = 0.005) -> None:
-        self.tick_s, self.sample_s = tick_s, sample_s
+    def __init__(self, tick_s: float = 0.005, sample_s: float = 0.005, stall_s: float = 0.02) -> None:
+        self.tick_s, self.sample_s, self.stall_s = tick_s, sample_s, stall_s
         self._task = None
         self._thread = None
         self._stop = None
@@ -108,6 +110,9 @@ class LoopProbe:
         self.first_own: collections.Counter = collections.Counter()
         self.stacks: collections.Counter = collections.Counter()
         self.threads: collections.Counter = collections.Counter()
+        self.recent: collections.deque = collections.deque(maxlen=20_000)  # (time, stack) of busy loop samples
+        self.stall_stacks: collections.Counter = collections.Counter()
+        self.stalls = {"n": 0, "over_100ms": 0, "unsampled": 0, "ms": 0.0}
         self.t0 = time.perf_counter()
         self.cpu0 = os.times()
         try:
@@ -134,7 +139,18 @@ class LoopProbe:
         while True:
             t = time.perf_counter()
             await asyncio.sleep(self.tick_s)
-            self.lags.append(time.perf_counter() - t - self.tick_s)
+            now = time.perf_counter()
+            lag = now - t - self.tick_s
+            self.lags.append(lag)
+            if lag >= self.stall_s:
+                start = t + self.tick_s
+                inside = [st for ts, st in list(self.recent) if start <= ts <= now]
+                self.stalls["n"] += 1
+                self.stalls["ms"] += 1000 * lag
+                self.stalls["over_100ms"] += lag >= 0.1
+                self.stalls["unsampled"] += not inside
+                for st in set(inside):
+                    self.stall_stacks[st] += 1
 
     def _sample(self) -> None:
         import threading
@@ -160,6 +176,7 @@ class LoopProbe:
                                                                       "threading.py"))), leaf)
                     self.first_own[own] += 1
                     self.stacks[" < ".join(stack[:6])] += 1
+                    self.recent.append((time.perf_counter(), " < ".join(stack[:6])))
                 elif not idle:
                     if tid not in names:
                         names = {t.ident: t.name for t in threading.enumerate()}
@@ -199,6 +216,8 @@ class LoopProbe:
             "top_leaf_pct": top(self.leaf), "top_first_own_frame_pct": top(self.first_own),
             "top_stacks_pct": top(self.stacks, 8), "other_threads_busy_pct": top(self.threads, 10),
         }
+        out["stalls"] = {**self.stalls, "ms": round(self.stalls["ms"], 1),
+                         "top_stacks": [[k, v] for k, v in self.stall_stacks.most_common(8)]}
         pauses = list(self.gc_pauses)
         out["gc"] = {f"gen{g}": {"n": sum(1 for x, _ in pauses if x == g),
                                  "ms": round(1000 * sum(t for x, t in pauses if x == g), 1)} for g in (0, 1, 2)}
@@ -530,6 +549,7 @@ def diagnosis(runs: list[dict]) -> list[dict]:
             "lag_p50_ms": p["loop_lag_ms"]["p50"], "lag_p99_ms": p["loop_lag_ms"]["p99"],
             "lag_max_ms": p["loop_lag_ms"]["max"], "loop_busy": p["loop_busy_share"],
             "gc_max_ms": (p.get("gc") or {}).get("max_ms"), "gc_share": (p.get("gc") or {}).get("share"),
+            "stalls": (p.get("stalls") or {}).get("n"), "stall_ms": (p.get("stalls") or {}).get("ms"),
             "loop_cpu": p.get("loop_thread_cpu_per_wall"), "proc_cpu": p["process_cpu_per_wall"],
             "prefix_hit": v.get("prefix_cache_hit_rate"), "preempt": v.get("num_preemptions_total"),
             "prompt_tok": v.get("prompt_tokens_total"), "itl_ms": round(1000 * v["mean_inter_token_latency_seconds"], 2)
@@ -557,6 +577,11 @@ def print_diagnosis(rows: list[dict], runs: list[dict]) -> None:
             if p["other_threads_busy_pct"]:
                 print(f"  {r['variant']} other busy threads: "
                       + "; ".join(f"{k} {v}" for k, v in p["other_threads_busy_pct"][:4]), flush=True)
+            st = p.get("stalls") or {}
+            if st.get("n"):
+                print(f"  {r['variant']} stalls >= 20 ms: {st['n']} ({st['over_100ms']} >= 100 ms, {st['ms']} ms in all, "
+                      f"{st['unsampled']} with no loop sample inside); stacks inside: "
+                      + "; ".join(f"{k.split(' < ')[0]} x{v}" for k, v in st["top_stacks"][:4]), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

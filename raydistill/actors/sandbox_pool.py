@@ -212,7 +212,7 @@ class SandboxPool:
         self.actors = [SandboxHost.options(num_cpus=cpus, max_concurrency=10_000).remote(self.config.model_dump())
                        for _ in range(n)]
         self._next = itertools.count(random.randrange(n))
-        self._toolsets: dict[tuple, tuple[list, str, dict[int, Any]]] = {}
+        self._toolsets: dict[tuple, tuple[list, str, dict[int, list]]] = {}
 
     def __getstate__(self) -> dict:
         return {"config": self.config.model_dump(), "actors": self.actors}
@@ -242,16 +242,18 @@ class SandboxPool:
             while len(self._toolsets) > MAX_TOOLSETS:
                 del self._toolsets[next(iter(self._toolsets))]
         _, key, regs = entry
-        ref = regs.get(i)
-        if ref is None or ref is stale:
-            ref = regs[i] = self.actors[i].add_tools.remote(key, dict(tools))
-        try:
-            await ref
-        except Exception:
-            if regs.get(i) is ref:
-                del regs[i]  # the next create tries again
-            raise
-        return key, ref
+        slot = regs.get(i)  # [registration ref, known done]
+        if slot is None or slot[0] is stale:
+            slot = regs[i] = [self.actors[i].add_tools.remote(key, dict(tools)), False]
+        if not slot[1]:  # awaiting even a finished ObjectRef is a trip through Ray's core worker
+            try:
+                await slot[0]
+            except Exception:
+                if regs.get(i) is slot:
+                    del regs[i]  # the next create tries again
+                raise
+            slot[1] = True
+        return key, slot[0]
 
     async def create(self, tools: Mapping[str, Any] | None = None) -> SandboxHandle:
         i = next(self._next) % len(self.actors)
