@@ -216,7 +216,7 @@ class LoopProbe:
             "top_leaf_pct": top(self.leaf), "top_first_own_frame_pct": top(self.first_own),
             "top_stacks_pct": top(self.stacks, 8), "other_threads_busy_pct": top(self.threads, 10),
         }
-        out["stalls"] = {**self.stalls, "ms": round(self.stalls["ms"], 1),
+        out["stalls"] = {**self.stalls, "ms": round(self.stalls["ms"], 1), "at_least_ms": round(1000 * self.stall_s),
                          "top_stacks": [[k, v] for k, v in self.stall_stacks.most_common(8)]}
         pauses = list(self.gc_pauses)
         out["gc"] = {f"gen{g}": {"n": sum(1 for x, _ in pauses if x == g),
@@ -579,7 +579,7 @@ def print_diagnosis(rows: list[dict], runs: list[dict]) -> None:
                       + "; ".join(f"{k} {v}" for k, v in p["other_threads_busy_pct"][:4]), flush=True)
             st = p.get("stalls") or {}
             if st.get("n"):
-                print(f"  {r['variant']} stalls >= 20 ms: {st['n']} ({st['over_100ms']} >= 100 ms, {st['ms']} ms in all, "
+                print(f"  {r['variant']} stalls >= {st['at_least_ms']} ms: {st['n']} ({st['over_100ms']} >= 100 ms, {st['ms']} ms in all, "
                       f"{st['unsampled']} with no loop sample inside); stacks inside: "
                       + "; ".join(f"{k.split(' < ')[0]} x{v}" for k, v in st["top_stacks"][:4]), flush=True)
 
@@ -606,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
                    "stage, same engine: bare_detok (bare with vLLM detokenizing), bare_nosplice (bare re-prefilling "
                    "its generated blocks like a fixed-action transcript), actor_loop (the stage's episode "
                    "path, no Ray Data/Parquet), actor_loop_full_render (same, whole conversation re-tokenized), "
-                   "bare_again (bare once more, right before the stage: shows engine drift within the run)")
+                   "bare_again (bare once more; list it last to run it right before the stage and show the engine's drift "
+                   "within the run)")
     p.add_argument("--extra-episodes", type=int, default=None, help="episodes per extra variant (default --episodes)")
     p.add_argument("--full-render", action="store_true", help="stage: old path, re-tokenize the whole conversation")
     p.add_argument("--no-grade", action="store_true", help="stage: no grading in the actor (the filter grades)")

@@ -45,7 +45,10 @@ QWEN15B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, n
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=2048)
 ANCHOR_TOK_S = 24_000.0
-CONFIGS = ("plain", "ddp1", "ddp2", "zero2_1", "zero2_2", "zero2_1_16k", "anchor")
+RAY_CONFIGS = {  # name: (strategy, workers, rows of 16384 tokens instead of --max-tokens)
+    "ddp1": ("ddp", 1, False), "ddp2": ("ddp", 2, False), "zero2_1": ("zero2", 1, False),
+    "zero2_2": ("zero2", 2, False), "zero2_1_16k": ("zero2", 1, True), "anchor": ("zero2", 1, True)}
+CONFIGS = ("plain", *RAY_CONFIGS)
 
 
 def log(msg: str) -> None:
@@ -293,9 +296,7 @@ def main() -> int:
         except Exception as e:
             results["plain"] = {"error": str(e)[:2000]}
         log(f"plain: {results['plain']}")
-    ray_cfgs = [(c, strat, w) for c, strat, w in (("ddp1", "ddp", 1), ("ddp2", "ddp", 2), ("zero2_1", "zero2", 1),
-                                                  ("zero2_2", "zero2", 2), ("zero2_1_16k", "zero2", 1),
-                                                  ("anchor", "zero2", 1)) if c in only]
+    ray_cfgs = [(c, *RAY_CONFIGS[c]) for c in RAY_CONFIGS if c in only]
     if ray_cfgs:
         from raydistill.config.ray import RayConfig
         from raydistill.stages.ray_init import init_ray
@@ -303,10 +304,10 @@ def main() -> int:
         try:
             init_ray(RayConfig(num_cpus=4 if args.tiny else None, num_gpus=n_gpus if gpu else 0))
         except Exception as e:  # fail soft: record why, still write the report
-            for name, _, _ in ray_cfgs:
+            for name, *_ in ray_cfgs:
                 results[name] = {"error": f"ray init failed: {type(e).__name__}: {str(e)[:500]}"}
             ray_cfgs = []
-        for name, strategy, workers in ray_cfgs:
+        for name, strategy, workers, rows_16k in ray_cfgs:
             if gpu and workers > n_gpus:
                 results[name] = {"error": f"needs {workers} GPUs, have {n_gpus}"}
                 continue
@@ -315,8 +316,7 @@ def main() -> int:
                 continue
             f, n = (a_files, len(a_rows)) if name == "anchor" else (files, len(rows))
             try:
-                mt = min(a["max_tokens"], 1024 if args.tiny else 16384) if name in ("anchor", "zero2_1_16k") \
-                    else a["max_tokens"]
+                mt = min(a["max_tokens"], 1024 if args.tiny else 16384) if rows_16k else a["max_tokens"]
                 out = run_ray(name, str(model_dir), f, n, strategy, workers, a, root, mt)
                 results[name] = {"gpus": workers, "strategy": strategy, "max_tokens": mt, "wall_s": out["wall_s"],
                                  "attn": out["metrics"][-1].get("attn") if out["metrics"] else None,
@@ -337,7 +337,7 @@ def main() -> int:
         if one and tps("plain"):
             derived[f"{strat}_1gpu_vs_plain"] = round(one / tps("plain"), 3)
     if not args.tiny:
-        for name in ("ddp1", "ddp2", "zero2_1", "zero2_2", "zero2_1_16k", "anchor", "plain"):
+        for name in (*RAY_CONFIGS, "plain"):
             if tps(name, True):
                 derived[f"{name}_per_gpu_vs_anchor_24.0k"] = round(tps(name, True) / ANCHOR_TOK_S, 3)
     report = {"env": env, "settings": {**a, "warmup_steps": args.warmup, "measured_steps": args.measure,

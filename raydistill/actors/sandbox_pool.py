@@ -223,8 +223,11 @@ class SandboxPool:
         self._next = itertools.count(random.randrange(len(self.actors)))
         self._toolsets = {}
 
+    def _pick_index(self) -> int:
+        return next(self._next) % len(self.actors)
+
     def _pick(self) -> Any:
-        return self.actors[next(self._next) % len(self.actors)]
+        return self.actors[self._pick_index()]
 
     @staticmethod
     def _tools_ident(tools: Mapping[str, Any]) -> tuple:
@@ -256,7 +259,7 @@ class SandboxPool:
         return key, slot[0]
 
     async def create(self, tools: Mapping[str, Any] | None = None) -> SandboxHandle:
-        i = next(self._next) % len(self.actors)
+        i = self._pick_index()
         actor = self.actors[i]
         if not tools:
             sid, info = await actor.create.remote({})

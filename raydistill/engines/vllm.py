@@ -73,10 +73,10 @@ class VLLMEngine(Engine):
         args = AsyncEngineArgs(**engine_args_kwargs(cfg, self.model_path, tok_path))
         self.llm = AsyncLLM.from_engine_args(args)
         # As vLLM's own API server does after start-up: move the start-up heap (torch, vLLM, the tokenizer: hundreds of
-        # thousands of objects) out of the collector's reach. This process's event loop also runs AsyncLLM's output handler
-        # and our episodes: the GPU runs saw 0.4-0.5 s stalls of that loop, and a full collection over that heap
-        # is the likely cause (a full pass took 0.3 s on the CPU box over the 480k objects of torch, transformers, ray
-        # and this package alone; the effect on the GPU runs is not yet measured).
+        # thousands of objects) out of the collector's reach, so a full collection does not walk it (a full pass took
+        # 0.3 s on the CPU box over the 480k objects of torch, transformers, ray and this package alone). This
+        # process's event loop also runs AsyncLLM's output handler and our episodes; its 0.4-0.5 s stalls on the GPU
+        # runs stayed with the heap frozen (docs/benchmarks.md, fourth session), so they are not shown to be GC.
         from vllm.utils.gc_utils import freeze_gc_heap
 
         freeze_gc_heap()
