@@ -299,6 +299,10 @@ def _memo_fixed_action():
     return MemoFixedAction
 
 
+EXTRA_POOLS = {"nosnap": {"snapshots": False}, "hosts16": {"num_actors": 16}}
+"""Sandbox pools the `actor_loop_<name>` variants use instead of the stage's (overrides of its config)."""
+
+
 class BenchTeacher(TeacherWorker):
     """TeacherWorker whose engine is wrapped in fixed-action mode; logs each episode's wall-clock span, runs
     the bare/paper baselines (and any `extra` in-actor variants) on its engine before its first episode, and
@@ -338,14 +342,20 @@ class BenchTeacher(TeacherWorker):
         print(f"[probe] {name}: {json.dumps(probe)}", flush=True)
         return r
 
-    async def _actor_loop(self, shape, n: int, conc: int, incremental: bool) -> dict:
+    async def _actor_loop(self, shape, n: int, conc: int, incremental: bool, on_loop: bool = False,
+                          pool: str | None = None) -> dict:
         """The stage's per-episode path (run_one: pool sandbox, episode, grading) on this actor's loop,
-        without Ray Data or Parquet: separates the episode work from the Ray Data machinery."""
+        without Ray Data or Parquet: separates the episode work from the Ray Data machinery. on_loop: sandbox
+        Ray calls submitted from the loop itself (the path before sandbox_pool.acall). pool: another sandbox
+        pool of `EXTRA_POOLS` ("in_actor": sandboxes in this actor)."""
         from benchmarks.episodes import make_questions
+        from raydistill.actors import sandbox_pool
         from raydistill.actors.teacher import IncrementalPromptEngine
         from raydistill.engines.fixed_action import default_action
 
-        saved = self.engine
+        saved, saved_pool = self.engine, self.sandbox_pool
+        if pool is not None:
+            self.sandbox_pool = None if pool == "in_actor" else self.baselines["pools"][pool]
         mid = IncrementalPromptEngine(self.raw_engine) if incremental else self.raw_engine
         self.engine = _memo_fixed_action()(mid, default_action(self.bench_steps, tool="web_search"),
                                         gen_tokens=self.bench_gen_tokens)
@@ -359,15 +369,23 @@ class BenchTeacher(TeacherWorker):
                 return await self.run_one({"id": f"loop/{i}", "sample": 0, "question": qs[i], "gold": [expected],
                                            "domain": "math", "source": "bench"})
 
+        async def direct(method, *args):
+            return await method.remote(*args)
+
+        helper = sandbox_pool.acall
+        if on_loop:
+            sandbox_pool.acall = direct
         try:
             t0 = time.perf_counter()
             trajs = await asyncio.gather(*(one(i) for i in range(n)))
             wall = time.perf_counter() - t0
         finally:
-            self.engine = saved
+            self.engine, self.sandbox_pool = saved, saved_pool
+            sandbox_pool.acall = helper
         gen = self.raw_engine.stats().get("generated_tokens", 0) - before
         steps = [s for t in trajs for s in t.steps]
-        return dict(variant="actor_loop" + ("" if incremental else "_full_render"), episodes=n, concurrency=conc,
+        return dict(variant="actor_loop" + ("" if incremental else "_full_render") + ("_on_loop" if on_loop else "")
+                    + (f"_{pool}" if pool else ""), episodes=n, concurrency=conc,
                     wall_s=round(wall, 3), episodes_per_s=round(n / wall, 3), gen_tokens=gen,
                     tok_s=round(gen / wall, 1),
                     ok_episodes=sum(1 for t in trajs if t.error is None and t.final_answer == expected),
@@ -393,8 +411,12 @@ class BenchTeacher(TeacherWorker):
             if name in ("bare", "paper", "bare_detok", "bare_nosplice", "bare_again"):
                 coro = run_bare(inner, shape, n, conc, role="teacher", name=name, detokenize=name == "bare_detok",
                                 reuse_generated=name != "bare_nosplice")
-            elif name in ("actor_loop", "actor_loop_full_render"):
-                coro = self._actor_loop(shape, n, conc, incremental=name == "actor_loop")
+            elif name in ("actor_loop", "actor_loop_full_render", "actor_loop_on_loop", "actor_loop_in_actor") \
+                    or name.removeprefix("actor_loop_") in EXTRA_POOLS:
+                pool = name.removeprefix("actor_loop_")
+                coro = self._actor_loop(shape, n, conc, incremental=name != "actor_loop_full_render",
+                                        on_loop=name == "actor_loop_on_loop",
+                                        pool=pool if pool in (*EXTRA_POOLS, "in_actor") else None)
             else:
                 raise ValueError(f"unknown extra variant {name!r}")
             runs.append(await self._probed(name, coro))
@@ -486,7 +508,14 @@ def run_stage(args, cfg, model_dir: str, shape, tok) -> dict:
                             web_search=FakeWebSearch(tool_text, shape.tool_s), close=lambda: None)
     times_dir = cfg.run_path / "bench_times"
     baselines_out = cfg.run_path / "baselines.json"
-    baselines = {"episodes": args.episodes, "paper_episodes": args.paper_episodes, "concurrency": args.concurrency,
+    extra_pools = {}
+    for name, over in EXTRA_POOLS.items():
+        if f"actor_loop_{name}" in args.extra:
+            over = dict(over)
+            extra_pools[name] = SandboxPool(cfg.sandbox, num_actors=over.pop("num_actors", None), **over)
+            for _ in extra_pools[name].actors:
+                extra_pools[name].create_sync().close()
+    baselines = {"pools": extra_pools, "episodes": args.episodes, "paper_episodes": args.paper_episodes, "concurrency": args.concurrency,
                  "shape": asdict(shape), "out": str(baselines_out), "extra": args.extra,
                  "extra_episodes": args.extra_episodes or args.episodes}
     t_call = time.time()
@@ -509,6 +538,8 @@ def run_stage(args, cfg, model_dir: str, shape, tok) -> dict:
     post = generate.filter_and_build(cfg, "agent", rows)
     post_s = time.perf_counter() - t_post
     pool.shutdown()
+    for p in extra_pools.values():
+        p.shutdown()
     ray.shutdown()
     baseline_runs = json.loads(baselines_out.read_text())
     return baseline_runs, dict(
@@ -605,7 +636,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", default="", help="comma list of in-actor variants run after bare/paper, before the "
                    "stage, same engine: bare_detok (bare with vLLM detokenizing), bare_nosplice (bare re-prefilling "
                    "its generated blocks like a fixed-action transcript), actor_loop (the stage's episode "
-                   "path, no Ray Data/Parquet), actor_loop_full_render (same, whole conversation re-tokenized), "
+                   "path, no Ray Data/Parquet), actor_loop_full_render (same, whole conversation re-tokenized), actor_loop_on_loop (same, "
+                   "sandbox Ray calls submitted from the loop: the path before sandbox_pool.acall), actor_loop_in_actor "
+                   "(sandboxes in the teacher actor), actor_loop_nosnap (a pool with sandbox snapshots off), "
+                   "actor_loop_hosts16 (a pool of 16 host actors), "
                    "bare_again (bare once more; list it last to run it right before the stage and show the engine's drift "
                    "within the run)")
     p.add_argument("--extra-episodes", type=int, default=None, help="episodes per extra variant (default --episodes)")

@@ -21,6 +21,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import ray
@@ -29,6 +30,54 @@ from raydistill.config.sandbox import SandboxConfig
 from raydistill.sandbox import Result, Sandbox, SandboxError, make_config
 
 log = logging.getLogger(__name__)
+
+
+_SUBMITTER: ThreadPoolExecutor | None = None
+
+
+def _submitter() -> ThreadPoolExecutor:
+    global _SUBMITTER
+    if _SUBMITTER is None:
+        _SUBMITTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raydistill-submit")
+    return _SUBMITTER
+
+
+async def acall(method: Any, *args: Any) -> Any:
+    """`await method.remote(*args)`, with the Ray submission made on a helper thread.
+
+    Why: the teacher actor's event loop also runs vLLM's output handler, and Ray's `submit_actor_task` costs
+    the calling thread ~0.4 ms per call, most of it in C++ with the GIL released (the GPU generate benchmark
+    saw ~14% of that loop's samples there; `benchmarks/sandbox_calls.py` measures the loop's share). The
+    helper thread submits and registers the completion callback; the loop pays a queue put and one
+    `call_soon_threadsafe` when the result arrives. One thread per process keeps submissions in order."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(cf: Future) -> None:  # on the loop
+        if fut.done():  # the caller was cancelled
+            return
+        exc = cf.exception()
+        if exc is None:
+            fut.set_result(cf.result())
+        else:
+            fut.set_exception(exc)
+
+    def hand_back(cf: Future) -> None:  # on whichever thread completed cf
+        try:
+            loop.call_soon_threadsafe(settle, cf)
+        except RuntimeError:  # the loop closed meanwhile: nobody waits
+            pass
+
+    def submit() -> None:  # on the helper thread
+        cf: Future = Future()
+        try:
+            cf = method.remote(*args).future()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            cf.set_exception(e)
+        cf.add_done_callback(hand_back)
+
+    _submitter().submit(submit)
+    return await fut
 
 
 class RayActorTool:
@@ -164,19 +213,19 @@ class SandboxHandle:
         return self.info.get("isolation_level", "")
 
     async def arun(self, code: str) -> Result:
-        return await self.actor.run.remote(self.sid, code)
+        return await acall(self.actor.run, self.sid, code)
 
     async def afork(self) -> SandboxHandle:
-        (sid,) = await self.actor.fork.remote(self.sid, 1)
+        (sid,) = await acall(self.actor.fork, self.sid, 1)
         return SandboxHandle(self.actor, sid, self.info)
 
     async def afork_many(self, n: int) -> list[SandboxHandle]:
-        return [SandboxHandle(self.actor, s, self.info) for s in await self.actor.fork.remote(self.sid, int(n))]
+        return [SandboxHandle(self.actor, s, self.info) for s in await acall(self.actor.fork, self.sid, int(n))]
 
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            await self.actor.close.remote(self.sid)
+            await acall(self.actor.close, self.sid)
 
     def run(self, code: str) -> Result:
         return ray.get(self.actor.run.remote(self.sid, code))
@@ -262,14 +311,14 @@ class SandboxPool:
         i = self._pick_index()
         actor = self.actors[i]
         if not tools:
-            sid, info = await actor.create.remote({})
+            sid, info = await acall(actor.create, {})
             return SandboxHandle(actor, sid, info)
         key, ref = await self._register(i, tools)
         try:
-            sid, info = await actor.create.remote(None, key)
+            sid, info = await acall(actor.create, None, key)
         except UnknownToolsError:  # the actor restarted since and lost them: register once more
             key, _ = await self._register(i, tools, stale=ref)
-            sid, info = await actor.create.remote(None, key)
+            sid, info = await acall(actor.create, None, key)
         return SandboxHandle(actor, sid, info)
 
     acquire = create

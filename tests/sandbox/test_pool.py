@@ -148,3 +148,41 @@ def test_tools_are_shipped_once_per_actor_and_again_after_a_restart(ray_sandbox_
         assert Counting.shipped == shipped + 1
     finally:
         pool.shutdown()
+
+
+def test_acall_submits_off_the_loop_keeps_errors_and_survives_cancellation(pool):
+    """Handles submit Ray calls on a helper thread (the caller's loop also runs vLLM's output handler): results,
+    the remote exception's own type, and a caller cancelled while its call is in flight."""
+    import threading
+
+    from raydistill.actors.sandbox_pool import acall
+    from raydistill.sandbox import SandboxError
+
+    actor = pool.actors[0]
+    threads: list[int] = []
+
+    class Spy:  # records the thread that submits
+        def __init__(self, method):
+            self.method = method
+
+        def remote(self, *args):
+            threads.append(threading.get_ident())
+            return self.method.remote(*args)
+
+    async def main():
+        h = await pool.create()
+        assert (await acall(Spy(h.actor.run), h.sid, "6 * 7")).value == "42"
+        with pytest.raises(SandboxError, match="not on this actor"):
+            await acall(Spy(actor.run), "no-such-sandbox", "1")
+        slow = asyncio.ensure_future(acall(Spy(h.actor.run), h.sid, "import time\ntime.sleep(1)\n'late'"))
+        await asyncio.sleep(0.3)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        assert (await h.arun("'after'")).value == "'after'"  # queued behind the slow step on this sandbox
+        await asyncio.sleep(0.2)
+        await h.aclose()
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert len(threads) == 3 and loop_thread not in threads
