@@ -411,12 +411,11 @@ class BenchTeacher(TeacherWorker):
             if name in ("bare", "paper", "bare_detok", "bare_nosplice", "bare_again"):
                 coro = run_bare(inner, shape, n, conc, role="teacher", name=name, detokenize=name == "bare_detok",
                                 reuse_generated=name != "bare_nosplice")
-            elif name in ("actor_loop", "actor_loop_full_render", "actor_loop_on_loop", "actor_loop_in_actor") \
-                    or name.removeprefix("actor_loop_") in EXTRA_POOLS:
-                pool = name.removeprefix("actor_loop_")
-                coro = self._actor_loop(shape, n, conc, incremental=name != "actor_loop_full_render",
-                                        on_loop=name == "actor_loop_on_loop",
-                                        pool=pool if pool in (*EXTRA_POOLS, "in_actor") else None)
+            elif name == "actor_loop" or name.removeprefix("actor_loop_") in ("full_render", "on_loop", "in_actor",
+                                                                              *EXTRA_POOLS):
+                kind = name.removeprefix("actor_loop").removeprefix("_")
+                coro = self._actor_loop(shape, n, conc, incremental=kind != "full_render", on_loop=kind == "on_loop",
+                                        pool=kind if kind in ("in_actor", *EXTRA_POOLS) else None)
             else:
                 raise ValueError(f"unknown extra variant {name!r}")
             runs.append(await self._probed(name, coro))

@@ -45,9 +45,9 @@ def _submitter() -> ThreadPoolExecutor:
 async def acall(method: Any, *args: Any) -> Any:
     """`await method.remote(*args)`, with the Ray submission made on a helper thread.
 
-    Why: the teacher actor's event loop also runs vLLM's output handler, and Ray's `submit_actor_task` costs
-    the calling thread ~0.4 ms per call, most of it in C++ with the GIL released (the GPU generate benchmark
-    saw ~14% of that loop's samples there; `benchmarks/sandbox_calls.py` measures the loop's share). The
+    Why: the teacher actor's event loop also runs vLLM's output handler, and the GPU generate benchmark saw
+    ~14% of that loop's samples in Ray's `submit_actor_task`. Submitting here cut the loop's CPU per pooled
+    step from 0.74-0.83 to 0.29 ms on the 2-core dev box (`benchmarks/sandbox_calls.py`). The
     helper thread submits and registers the completion callback; the loop pays a queue put and one
     `call_soon_threadsafe` when the result arrives. One thread per process keeps submissions in order."""
     loop = asyncio.get_running_loop()
@@ -216,8 +216,8 @@ class SandboxHandle:
         return await acall(self.actor.run, self.sid, code)
 
     async def afork(self) -> SandboxHandle:
-        (sid,) = await acall(self.actor.fork, self.sid, 1)
-        return SandboxHandle(self.actor, sid, self.info)
+        (child,) = await self.afork_many(1)
+        return child
 
     async def afork_many(self, n: int) -> list[SandboxHandle]:
         return [SandboxHandle(self.actor, s, self.info) for s in await acall(self.actor.fork, self.sid, int(n))]
