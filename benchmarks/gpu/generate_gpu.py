@@ -299,7 +299,7 @@ def _memo_fixed_action():
     return MemoFixedAction
 
 
-EXTRA_POOLS = {"nosnap": {"snapshots": False}, "hosts16": {"num_actors": 16}}
+EXTRA_POOLS = {"same": {}, "nosnap": {"snapshots": False}, "hosts16": {"num_actors": 16}, "nice0": {"nice": 0}}
 """Sandbox pools the `actor_loop_<name>` variants use instead of the stage's (overrides of its config)."""
 
 
@@ -638,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
                    "path, no Ray Data/Parquet), actor_loop_full_render (same, whole conversation re-tokenized), actor_loop_on_loop (same, "
                    "sandbox Ray calls submitted from the loop: the path before sandbox_pool.acall), actor_loop_in_actor "
                    "(sandboxes in the teacher actor), actor_loop_nosnap (a pool with sandbox snapshots off), "
-                   "actor_loop_hosts16 (a pool of 16 host actors), "
+                   "actor_loop_hosts16 (a pool of 16 host actors), actor_loop_nice0 (sandboxes at the host's "
+                   "priority), actor_loop_same (a fresh pool with the stage's config: the control for the others), "
                    "bare_again (bare once more; list it last to run it right before the stage and show the engine's drift "
                    "within the run)")
     p.add_argument("--extra-episodes", type=int, default=None, help="episodes per extra variant (default --episodes)")

@@ -82,14 +82,25 @@ class SandboxConfig(Section):
     """A step that raises: keep its partial effects (Jupyter semantics) or roll the state back to before it.
     Hard failures (timeout kill, crash) always roll back."""
     snapshots: bool = True
-    """Keep a forked copy of the last committed state per sandbox (made after each step, off the critical
-    path), so a crash or kill loses only the failed step."""
+    """Recover state after a crash or kill, so it loses only the failed step: each sandbox keeps a forked copy
+    (snapshot) of a committed state plus a journal of the steps since (code, tool results, outcome); a
+    restore forks the snapshot and replays the journal."""
+    replay_budget_s: float = Field(1.0, ge=0)
+    """Steps are journaled instead of snapshotted while re-running them would take less than this (their run
+    time since the last snapshot, tool calls excluded: replay answers those from the journal). A snapshot is a
+    fork of the whole interpreter, most of a cheap step's cost; 0 snapshots after every step. A replay whose
+    output differs from the original (time, randomness) is abandoned for the snapshot's older state, and the
+    model is told which step that is. Files the code wrote are not rolled back either way."""
     warm_sandboxes: int = Field(2, ge=0)
     """Fresh sandboxes kept pre-started per configuration (refilled in the background), so `Sandbox()` is
     ready at once; they have run no code. 0 starts every sandbox on demand."""
     start_timeout_s: float = Field(60.0, gt=0)
     """Time allowed for the zygote (imports numpy/sympy once) and for each sandbox to come up."""
     zygote_tmp_mb: int = Field(16, ge=1)
+    nice: int = Field(10, ge=0, le=19)
+    """CPU niceness of every interpreter (set once in the zygote, inherited by each fork). Model code and the
+    snapshot forks then yield the cores to the engine and the host loops that feed the GPU; a CPU-burning
+    program cannot starve them. 0 keeps the host's priority."""
     limits: SandboxLimits = Field(default_factory=SandboxLimits)
     pool: SandboxPoolConfig = Field(default_factory=SandboxPoolConfig)
 

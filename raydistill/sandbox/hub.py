@@ -76,7 +76,7 @@ class Zygote:
         cfg = self.cfg
         loop = self.hub.loop
         site = launch.module_dirs([*cfg.preload, *cfg.authorized_imports])
-        zcfg = {"sys_path": site, "preload": list(cfg.preload),
+        zcfg = {"sys_path": site, "preload": list(cfg.preload), "nice": cfg.nice,
                 "warm_imports": [m for m in cfg.authorized_imports if m not in cfg.preload and m != "*"]}
         host, guest = make_pair()
         try:
@@ -502,7 +502,7 @@ class Hub:
     # -- zygotes ---------------------------------------------------------------------------------------
     async def zygote(self, cfg: SandboxConfig) -> Zygote:
         key = (cfg.isolation, cfg.min_isolation, tuple(cfg.preload), tuple(sorted(cfg.authorized_imports)),
-               cfg.zygote_tmp_mb)
+               cfg.zygote_tmp_mb, cfg.nice)
         lock = self._zlocks.setdefault(key, asyncio.Lock())
         async with lock:
             z = self.zygotes.get(key)

@@ -1,7 +1,9 @@
 """`Sandbox`: an isolated, persistent, forkable Python interpreter for model-written code.
 
-Each Sandbox is a live interpreter process (forked in milliseconds from a warm zygote) plus, after every
-completed step, a forked snapshot of its state, so a step that times out or crashes costs only that step.
+Each Sandbox is a live interpreter process (forked in milliseconds from a warm zygote) plus a forked snapshot
+of a committed state and a journal of the steps since, so a step that times out or crashes costs only that
+step: a restore forks the snapshot and replays the journal. Cheap steps are journaled rather than snapshotted,
+because forking the interpreter costs more CPU than most agent steps do.
 All process handling happens on the hub's event loop; the sync methods block only their caller and the
 async twins never block the caller's loop.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import inspect
 import itertools
 import json
@@ -37,6 +40,30 @@ RESTARTED = "The interpreter was restarted empty: variables from earlier steps a
 _VERSIONS = itertools.count(1)
 """State versions: a box's `version` changes whenever its interpreter's state may change (a step, a fresh
 start); a snapshot records the version it copied, so `snapshot.version == box.version` means "identical"."""
+
+
+JOURNAL_MAX_STEPS = 32
+JOURNAL_MAX_BYTES = 1 << 20
+"""A journal this long (or this large: code and recorded tool results) forces a snapshot whatever its cost."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One committed step as the journal keeps it for replay."""
+
+    step: int
+    code: str
+    tool_calls: tuple
+    """(name, args, kwargs, reply) of each tool call, in order: replay answers from here, never calls tools."""
+    outcome: str
+    """Digest of what the step showed (stdout, value, error, final answer): a replay must show the same."""
+    cost_s: float
+    size: int
+
+
+def _outcome_digest(m: dict) -> str:
+    keys = ("stdout", "value", "error", "error_type", "is_final", "final_answer")
+    return hashlib.blake2b(json.dumps([m.get(k) for k in keys], default=str).encode(), digest_size=16).hexdigest()
 
 
 @dataclass
@@ -185,6 +212,9 @@ class _Box:
         self._bg: asyncio.Task | None = None
         self._snap_task: asyncio.Task | None = None
         self._snap_missing = False
+        self._journal: list[_Entry] = []
+        """Steps committed on top of the snapshot (all of them while `_journal_from_empty`)."""
+        self._journal_from_empty = True
 
     # -- creation --------------------------------------------------------------------------------------
     def _init_loop_state(self) -> None:
@@ -214,6 +244,8 @@ class _Box:
         self.steps = parent.steps
         self.version = parent.version
         self._snap_missing = parent._snap_missing
+        self._journal = list(parent._journal)
+        self._journal_from_empty = parent._journal_from_empty
         self.family.acquire()
         self._ready.set()
 
@@ -272,22 +304,41 @@ class _Box:
             await asyncio.shield(task)
         if self.snapshot is not None:
             await self.snapshot.wait()
-        if self.snapshot is not None and self.snapshot.usable:
+        snap = self.snapshot
+        if snap is not None and snap.usable:
             try:
-                (self.active,) = await self._fork_from(self.snapshot.proc, "active", 1)
-                self.version = self.snapshot.version
-                return None if self.snapshot.step == self.steps else (
-                    f"The interpreter was restored to its state after step {self.snapshot.step} (later state lost).")
+                (self.active,) = await self._fork_from(snap.proc, "active", 1)
+                self.version = snap.version
+                if await self._replay([e for e in self._journal if e.step > snap.step]):
+                    return None if self._journaling or snap.step == self.steps else (
+                        f"The interpreter was restored to its state after step {snap.step} (later state lost).")
+                self._drop(self.active)  # the journal no longer applies: back to the snapshot's own state
+                self.active = None
+                self._journal = []
+                (self.active,) = await self._fork_from(snap.proc, "active", 1)
+                self.version = snap.version
+                return f"The interpreter was restored to its state after step {snap.step} (later state lost)."
             except SandboxError as e:
                 log.warning("sandbox: restoring from snapshot failed (%s); starting fresh", e)
-        try:
-            self.active = await self.family.spawn(self.cfg.start_timeout_s)
-            self.version = next(_VERSIONS)
-        except SandboxError as e:
-            raise SandboxError(f"the sandbox was lost (its family of processes is gone: {e})") from None
+                self._drop(self.active)
+                self.active = None
         if self.snapshot is not None:
             self.snapshot.release(self.family)
             self.snapshot = None
+        journal = self._journal if self._journal_from_empty else []
+        for attempt in (journal, []) if journal else ([],):
+            try:
+                self.active = await self.family.spawn(self.cfg.start_timeout_s)
+                self.version = next(_VERSIONS)
+            except SandboxError as e:
+                raise SandboxError(f"the sandbox was lost (its family of processes is gone: {e})") from None
+            if await self._replay(attempt):
+                if attempt:
+                    return None
+                break
+            self._drop(self.active)
+            self.active = None
+        self._journal, self._journal_from_empty = [], True
         return RESTARTED if self.steps else None
 
     async def _fork_from(self, src: Proc, role: str, n: int, retry: bool = True) -> list[Proc]:
@@ -361,7 +412,8 @@ class _Box:
                 fds = [snap_guest.fileno()]
                 self.family.begin_fork(x)  # its snapshot child must not be swept before it registers
             msg = {"op": "run", "code": code, "timeout_s": self.lim.step_timeout_s,
-                   "cpu_s": self.lim.cpu_s_per_step, "snapshot": "always" if self.cfg.on_error == "keep" else "success"}
+                   "cpu_s": self.lim.cpu_s_per_step, "snapshot": "always" if self.cfg.on_error == "keep" else "success",
+                   "snapshot_after_s": self._replay_room()}
             try:
                 async with asyncio.timeout(self.lim.step_timeout_s):
                     await x.chan.send(msg, fds)
@@ -370,10 +422,15 @@ class _Box:
             finally:
                 if fds:
                     snap_guest.close()
-            outcome, payload, calls, tool_s = await self._converse(x, caller_loop)
+            record = [] if self._journaling else None
+            outcome, payload, calls, tool_s = await self._converse(x, caller_loop, record=record)
             if outcome == "result":
                 res = self._result(payload, t0, calls, tool_s, notice)
                 self.steps += 1
+                if record is not None:
+                    self._journal.append(_Entry(
+                        self.steps, code, tuple(record), _outcome_digest(payload), max(0.0, res.duration_s - tool_s),
+                        len(code) + sum(len(json.dumps(r[3], default=str)) for r in record)))
                 if snap_host is None:  # snapshots off: nothing to wait for
                     if res.error is not None and self.cfg.on_error == "rollback":
                         self.needs_restore = True
@@ -450,8 +507,11 @@ class _Box:
                       stdout_truncated=isinstance(chars, int) and chars > lim.max_output_chars,
                       tool_calls=calls, tool_s=tool_s)
 
-    async def _converse(self, x: Proc, caller_loop) -> tuple[str, Any, int, float]:
-        """Serve one step: answer tool calls until the result arrives, the budget runs out, or x dies."""
+    async def _converse(self, x: Proc, caller_loop, record: list | None = None,
+                        replay: list | None = None) -> tuple[str, Any, int, float]:
+        """Serve one step: answer tool calls until the result arrives, the budget runs out, or x dies. Tool
+        calls are appended to `record`; with `replay` they are answered from it (the same calls in the same
+        order, else the outcome is "diverged") instead of calling the tools."""
         budget = self.lim.step_timeout_s + self.lim.kill_grace_s  # the sandbox interrupts itself first
         wall_end = time.monotonic() + self.lim.max_step_wall_s
         used = 0.0
@@ -486,7 +546,15 @@ class _Box:
             if time.monotonic() > wall_end:
                 return "timeout", None, calls, tool_s
             t1 = time.monotonic()
-            reply = await self._call_tool(msg, caller_loop)
+            call = (msg.get("name"), msg.get("args"), msg.get("kwargs"))
+            if replay is not None:
+                if not replay or tuple(replay[0][:3]) != call:
+                    return "diverged", None, calls, tool_s
+                reply = replay.pop(0)[3]
+            else:
+                reply = await self._call_tool(msg, caller_loop)
+            if record is not None:
+                record.append((*call, reply))
             calls += 1
             tool_s += time.monotonic() - t1
             try:
@@ -550,6 +618,8 @@ class _Box:
             if ack.get("op") != "forked":
                 self.needs_restore = True
                 return
+            if ack.get("deferred"):  # cheap to replay: the journal has it, no snapshot made
+                return
             if ack.get("skipped"):  # on_error="rollback" and the step raised: back to the previous state
                 fam.end_fork(x)
                 marked = False
@@ -590,6 +660,8 @@ class _Box:
             fam.add(proc)
             if placeholder is not None:
                 placeholder.fill(proc, fam)
+                if placeholder.proc is proc and self.snapshot is placeholder:
+                    self._journal_covered(step)
                 self._snap_missing = False
                 return
             if self.closed or (self.snapshot is not None and self.snapshot.version > version):
@@ -610,6 +682,45 @@ class _Box:
         old, self.snapshot = self.snapshot, _Snapshot(proc, step, version)
         if old is not None:
             old.release(self.family)
+        self._journal_covered(step)
+
+    def _journal_covered(self, step: int) -> None:
+        """The snapshot now holds the state after `step`: the journal keeps only what came later."""
+        self._journal = [e for e in self._journal if e.step > step]
+        self._journal_from_empty = False
+
+    @property
+    def _journaling(self) -> bool:
+        return self.cfg.snapshots and self.cfg.on_error == "keep" and self.cfg.replay_budget_s > 0
+
+    def _replay_room(self) -> float | None:
+        """Run time the next step may take and still be journaled, not snapshotted (None: always snapshot)."""
+        if not self._journaling:
+            return None
+        base = self.snapshot.step if self.snapshot is not None else -1
+        tail = [e for e in self._journal if e.step > base]
+        if len(tail) >= JOURNAL_MAX_STEPS or sum(e.size for e in tail) >= JOURNAL_MAX_BYTES:
+            return 0.0
+        return max(0.0, self.cfg.replay_budget_s - sum(e.cost_s for e in tail))
+
+    async def _replay(self, entries: list[_Entry]) -> bool:
+        """Re-run journaled steps on the new active interpreter; False (the caller discards it) as soon as one
+        fails or shows another outcome than it did the first time."""
+        for e in entries:
+            x = self.active
+            self.version = next(_VERSIONS)
+            msg = {"op": "run", "code": e.code, "timeout_s": self.lim.step_timeout_s, "cpu_s": self.lim.cpu_s_per_step}
+            try:
+                async with asyncio.timeout(self.lim.step_timeout_s):
+                    await x.chan.send(msg)
+            except (TimeoutError, ChannelClosed):
+                return False
+            replies = list(e.tool_calls)
+            outcome, payload, _, _ = await self._converse(x, None, replay=replies)
+            if outcome != "result" or replies or _outcome_digest(payload) != e.outcome:
+                log.info("sandbox: replaying step %d diverged (%s); falling back to an older state", e.step, outcome)
+                return False
+        return True
 
     async def _resnapshot(self, x: Proc) -> None:
         """Snapshot the (idle) interpreter now; called with the box lock held."""
@@ -713,7 +824,7 @@ class _Box:
         d = self.zygote.details() if self.zygote is not None else {}
         d.update(steps=self.steps, pid=self.active.pid if self.active else None,
                  snapshot_pid=self.snapshot.proc.pid if self.snapshot and self.snapshot.proc else None,
-                 warden_pid=self.family.warden.pid if self.family else None)
+                 warden_pid=self.family.warden.pid if self.family else None, journal_steps=len(self._journal))
         return d
 
 

@@ -205,6 +205,37 @@ def test_print_flood_is_capped(level):
         still_usable(sb)
 
 
+def test_code_runs_niced_and_cannot_raise_its_priority(level):
+    """A CPU-burning program must not take cores from the engine and host loops: every interpreter (and
+    its snapshot) runs at the host's niceness + 10 and cannot lower it again."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    want = min(base + 10, 19)
+
+    def nices(pids: list[int]) -> set[int]:
+        out = set()
+        for p in pids:
+            try:
+                out.add(os.getpriority(os.PRIO_PROCESS, p))
+            except ProcessLookupError:  # an old snapshot reaped while we looked
+                pass
+        return out
+
+    with make(level) as sb:
+        assert sb.run("x = 1").ok
+        warden = sb.isolation["warden_pid"]
+        procs = [warden, *descendants(warden)]  # the interpreter, its snapshot (once registered), strays
+        assert len(procs) >= 2 and nices(procs) == {want}, procs
+        r = sb.run(OS + "out = []\nfor f in (lambda: os.nice(-5), lambda: os.setpriority(os.PRIO_PROCESS, 0, 0)):\n"
+                   "    try:\n        f()\n        out.append('raised')\n"
+                   "    except OSError as e:\n        out.append(type(e).__name__)\n"
+                   "(out, os.getpriority(os.PRIO_PROCESS, 0))")
+        assert "raised" not in r.value and r.value.endswith(f", {want})"), r
+        assert os.getpriority(os.PRIO_PROCESS, sb.isolation["pid"]) == want
+        still_usable(sb)
+    with make(level, nice=0) as sb:  # the setting is honoured (0: the host's own priority)
+        assert nices([sb.isolation["pid"]]) == {base}
+
+
 def test_signal_tricks_and_killing_the_parent(level):
     with make(level) as sb:
         info = sb.isolation

@@ -114,7 +114,7 @@ def _settled_snapshot(s: Sandbox, timeout: float = 20.0) -> int:
 
 
 def test_fast_fork_hands_over_the_snapshot_and_stays_crash_safe():
-    with Sandbox(step_timeout_s=10) as s:
+    with Sandbox(step_timeout_s=10, replay_budget_s=0) as s:  # a snapshot after every step
         s.run("data = [1]")
         snap = _settled_snapshot(s)
         child = s.fork()  # the fast path: the snapshot of exactly this state becomes the child
@@ -223,6 +223,60 @@ def test_hard_kill_when_code_ignores_the_timeout():
         assert r.error_type == "timeout" and r.restored
         assert 1.5 < time.monotonic() - t0 < 6
         assert s.run("x").value == "'before'"
+
+
+CRASH = REAL_IMPORT + "real_import('os')._exit(3)"
+BUSY = "import time\nend = time.perf_counter() + 0.3\nwhile time.perf_counter() < end:\n    pass\n"
+
+
+def test_cheap_steps_are_journaled_and_replayed_after_a_crash():
+    calls = []
+
+    def lookup(q):
+        calls.append(q)
+        return f"result {len(calls)} for {q}"
+
+    with Sandbox(tools={"lookup": lookup}, step_timeout_s=10) as s:
+        s.run("a = [1]")
+        s.run("r = lookup('x')\nprint(r)")
+        s.run("a.append(len(r))")
+        info = s.isolation
+        assert info["snapshot_pid"] is None and info["journal_steps"] == 3, info  # no fork for cheap steps
+        r = s.run("a.append('lost')\n" + CRASH)
+        assert r.error_type == "crash" and r.restored and "restored to their state before this step" in r.error, r
+        assert s.run("(a, r)").value == "([1, 14], 'result 1 for x')"
+        assert calls == ["x"]  # the replay answered the tool call from the journal
+        r = s.run(CRASH)  # and again: the journal still holds every step
+        assert r.restored and s.run("a").value == "[1, 14]"
+
+
+def test_an_expensive_step_is_snapshotted_and_later_steps_journaled():
+    with Sandbox(step_timeout_s=10, replay_budget_s=0.2) as s:
+        s.run("x = 1")
+        assert s.isolation["journal_steps"] == 1
+        s.run(BUSY + "x += 1")  # 0.3 s of work: worth a snapshot
+        _settled_snapshot(s)
+        assert s.isolation["journal_steps"] == 0
+        s.run("y = x * 10")
+        assert s.isolation["journal_steps"] == 1
+        r = s.run(CRASH)
+        assert r.restored and "before this step" in r.error, r
+        assert s.run("(x, y)").value == "(2, 20)"
+
+
+def test_a_replay_that_diverges_falls_back_and_says_so():
+    with Sandbox(step_timeout_s=10, replay_budget_s=0.2) as s:
+        s.run(BUSY + "x = 1")  # snapshot after step 1
+        _settled_snapshot(s)
+        s.run("t = time.time()\nprint(t)")  # shows the clock: a replay shows another time
+        r = s.run(CRASH)
+        assert r.restored and "restored to its state after step 1 (later state lost)" in r.error, r
+        assert s.run("('t' in dir(), x)").value == "(False, 1)"
+    with Sandbox(step_timeout_s=10) as s:  # no snapshot yet: back to an empty interpreter
+        s.run("import random\nv = random.random()\nprint(v)")
+        r = s.run(CRASH)
+        assert r.restored and "restarted empty" in r.error, r
+        assert s.run("'v' in dir()").value == "False"
 
 
 def test_crash_before_first_snapshot_restarts_fresh():

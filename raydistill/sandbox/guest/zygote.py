@@ -96,6 +96,7 @@ def main() -> None:
         uid, gid = cfg["become"]
         confine.drop_to_uid(uid, gid)
     confine.set_dumpable(False)
+    os.nice(int(cfg.get("nice", 0)))
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     chan = Channel(cfg["fd"])
