@@ -396,7 +396,10 @@ NOTES = """How to read this:
   compare rows with the baselines of the same run, and use the CPU-time figures (less sensitive to load) to
   judge the cost itself. The critical path of a step is one round trip hub thread -> interpreter -> hub
   thread; its CPU cost is the "critical path" row.
-- After every step the interpreter forks a snapshot of its state (crash safety) *after* replying (1 ms later). The next
+- By default cheap steps are journaled, not snapshotted (crash safety by replay: docs/sandbox.md), so a step
+  costs no fork: compare the "machine CPU per step" rows, which count every process on the box. The rows
+  "snapshot after every step" (`replay_budget_s=0`) show what a snapshot adds, and the fork rows need one.
+- With a snapshot after every step the interpreter forks it *after* replying (1 ms later). The next
   step waits only for that fork to finish (a bare fork of a numpy+sympy process: 0.9 ms measured on this box
   when it was quieter, 1.1 ms in the issue), then pre-faults the pages the next step would otherwise copy
   (copy-on-write, ~130 page faults moved out of a small step). The fork and its faults cost CPU (several ms

@@ -121,6 +121,7 @@ class LoopProbe:
         except (AttributeError, OSError):
             self.clk = None
         self.vllm0 = vllm_counters()
+        self.stat0 = _proc_stat()
         self.gc_pauses: list[tuple[int, float]] = []
         self._gc_t0 = 0.0
         gc.callbacks.append(self._gc)
@@ -226,7 +227,21 @@ class LoopProbe:
         if self.clk is not None:
             out["loop_thread_cpu_per_wall"] = round((time.clock_gettime(self.clk) - self.tcpu0) / wall, 3)
         out["vllm"] = vllm_delta(self.vllm0, vllm_counters())
+        d = [b - a for a, b in zip(self.stat0, _proc_stat(), strict=True)]
+        if d and sum(d) > 0:  # the whole machine: other processes (engine core, sandboxes, Ray) and VM steal
+            busy = sum(d[0:3]) + sum(d[5:8])
+            out["machine"] = {"busy_cores": round(busy / os.sysconf("SC_CLK_TCK") / wall, 2),
+                              "busy_share": round(busy / sum(d), 3), "steal_share": round(d[7] / sum(d), 4)}
         return out
+
+
+def _proc_stat() -> list[int]:
+    """Machine-wide CPU jiffies (user nice system idle iowait irq softirq steal), [] where unreadable."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return []
 
 
 def vllm_counters() -> dict:
@@ -404,11 +419,11 @@ class BenchTeacher(TeacherWorker):
         plan = [("bare", b["episodes"], b["concurrency"])]
         if b["paper_episodes"]:
             plan.append(("paper", b["paper_episodes"], 4))
-        plan += [(x, b["extra_episodes"], b["concurrency"]) for x in b.get("extra", [])]
+        plan += [(x, b["extra_episodes"], b["concurrency"]) for x in b.get("extra", []) if x != "bare_after"]
         runs = []
         for name, n, conc in plan:
             await inner.reset_prefix_cache()
-            if name in ("bare", "paper", "bare_detok", "bare_nosplice", "bare_again"):
+            if name in ("bare", "paper", "bare_detok", "bare_nosplice", "bare_again", "bare_after"):
                 coro = run_bare(inner, shape, n, conc, role="teacher", name=name, detokenize=name == "bare_detok",
                                 reuse_generated=name != "bare_nosplice")
             elif name == "actor_loop" or name.removeprefix("actor_loop_") in ("full_render", "on_loop", "in_actor",
@@ -446,7 +461,28 @@ class BenchTeacher(TeacherWorker):
         tmp = self.times_dir / f".probe-{os.getpid()}.tmp"
         tmp.write_text(json.dumps(snap))
         os.replace(tmp, self.times_dir / f"probe-{os.getpid()}.json")
+        b = self.baselines
+        if (b is not None and "bare_after" in b.get("extra", []) and not getattr(self, "_after_done", False)
+                and self.episodes_run >= b["episodes"]):
+            self._after_done = True  # the stage's last episode is done: bare once more, on the same engine
+            await self._bare_after()
         return out
+
+    async def _bare_after(self) -> None:
+        """bare_after: brackets the stage with bare_again (before) so drift of the engine's own speed shows. Its
+        span is logged as excluded and subtracted from the stage's wall clock."""
+        from benchmarks.episodes import Shape, run_bare
+
+        b = self.baselines
+        inner = self.raw_engine
+        await inner.reset_prefix_cache()
+        t0 = time.time()
+        r = await self._probed("bare_after", run_bare(inner, Shape(**b["shape"]), b["extra_episodes"],
+                                                      b["concurrency"], role="teacher", name="bare_after"))
+        with self.times_path.open("a") as f:
+            f.write(json.dumps({"excluded": [t0, time.time()]}) + "\n")
+        print(f"[variant] {json.dumps({k: v for k, v in r.items() if k != 'probe'})}", flush=True)
+        Path(b["out"]).with_suffix(".after.json").write_text(json.dumps([r]))
 
     async def run_one(self, row):
         t0 = time.time()
@@ -531,7 +567,8 @@ def run_stage(args, cfg, model_dir: str, shape, tok) -> dict:
     trajs, dups = TrajectoryStore(cfg.run_path / "trajectories" / "agent").read()
     gen_tokens = sum(s.completion_tokens for t in trajs for s in t.steps)
     steps = [s for t in trajs for s in t.steps]
-    wall = t_done - min(starts)
+    excluded = sum(e["excluded"][1] - e["excluded"][0] for e in events if "excluded" in e)
+    wall = t_done - min(starts) - excluded
     probes = [json.loads(p.read_text()) for p in times_dir.glob("probe-*.json")]
     t_post = time.perf_counter()
     post = generate.filter_and_build(cfg, "agent", rows)
@@ -541,11 +578,15 @@ def run_stage(args, cfg, model_dir: str, shape, tok) -> dict:
         p.shutdown()
     ray.shutdown()
     baseline_runs = json.loads(baselines_out.read_text())
+    after = baselines_out.with_suffix(".after.json")
+    if after.exists():
+        baseline_runs += json.loads(after.read_text())
     return baseline_runs, dict(
         variant="stage", episodes=len(trajs), concurrency=args.concurrency, wall_s=round(wall, 3),
         episodes_per_s=round(len(trajs) / wall, 3), trajectories_per_s=round(len(trajs) / wall, 3),
         gen_tokens=gen_tokens, tok_s=round(gen_tokens / wall, 1),
-        episode_span_s=round(max(ends) - min(starts), 3), tail_after_last_episode_s=round(t_done - max(ends), 3),
+        episode_span_s=round(max(ends) - min(starts), 3),
+        tail_after_last_episode_s=round(t_done - max(ends) - excluded, 3), bare_after_excluded_s=round(excluded, 1),
         startup_and_baselines_s_excluded=round(min(starts) - t_call, 1), engine_ready_s_after_call=round(min(ready) - t_call, 1)
         if ready else None, teacher_restarts=max(0, len(ready) - 1),
         ok_episodes=sum(1 for t in trajs if t.error is None and t.final_answer == expected),
@@ -586,6 +627,8 @@ def diagnosis(runs: list[dict]) -> list[dict]:
             if v.get("mean_inter_token_latency_seconds") is not None else None,
             "queue_ms": round(1000 * v["mean_request_queue_time_seconds"], 1)
             if v.get("mean_request_queue_time_seconds") is not None else None,
+            "mach_cores": (p.get("machine") or {}).get("busy_cores"),
+            "steal": (p.get("machine") or {}).get("steal_share"),
         })
     return rows
 
@@ -641,7 +684,8 @@ def main(argv: list[str] | None = None) -> int:
                    "actor_loop_hosts16 (a pool of 16 host actors), actor_loop_nice0 (sandboxes at the host's "
                    "priority), actor_loop_same (a fresh pool with the stage's config: the control for the others), "
                    "bare_again (bare once more; list it last to run it right before the stage and show the engine's drift "
-                   "within the run)")
+                   "within the run), bare_after (bare right after the stage's last episode, excluded from its wall "
+                   "clock; with bare_again it brackets the stage)")
     p.add_argument("--extra-episodes", type=int, default=None, help="episodes per extra variant (default --episodes)")
     p.add_argument("--full-render", action="store_true", help="stage: old path, re-tokenize the whole conversation")
     p.add_argument("--no-grade", action="store_true", help="stage: no grading in the actor (the filter grades)")
@@ -695,6 +739,9 @@ def main(argv: list[str] | None = None) -> int:
     res["stage_vs_bare"] = round(by["stage"]["tok_s"] / by["bare"]["tok_s"], 3)
     if "bare_again" in by:  # the engine's speed drifted within a run by more than the target's margin (s4)
         res["stage_vs_bare_again"] = round(by["stage"]["tok_s"] / by["bare_again"]["tok_s"], 3)
+    if "bare_again" in by and "bare_after" in by:  # bracketed: linear drift cancels
+        res["stage_vs_bracket"] = round(2 * by["stage"]["tok_s"] / (by["bare_again"]["tok_s"]
+                                                                   + by["bare_after"]["tok_s"]), 3)
     res["stage_vs_paper"] = round(by["stage"]["tok_s"] / by["paper"]["tok_s"], 2) if "paper" in by else None
     res["diagnosis"] = diagnosis(res["runs"])
     print_diagnosis(res["diagnosis"], res["runs"])
@@ -703,6 +750,9 @@ def main(argv: list[str] | None = None) -> int:
     res["when"] = time.strftime("%Y-%m-%d %H:%M:%S")
     if "stage_vs_bare_again" in res:
         print(f"stage/bare_again (bare right before the stage) = {res['stage_vs_bare_again']}", flush=True)
+    if "stage_vs_bracket" in res:
+        print(f"stage/mean(bare_again, bare_after) (bare right before and right after the stage) = "
+              f"{res['stage_vs_bracket']}", flush=True)
     print(f"stage/bare = {res['stage_vs_bare']} (target >= 0.85); stage/paper = {res['stage_vs_paper']} "
           "(target >= 5)", flush=True)
     if args.out:

@@ -86,9 +86,10 @@ class SandboxConfig(Section):
     (snapshot) of a committed state plus a journal of the steps since (code, tool results, outcome); a
     restore forks the snapshot and replays the journal."""
     replay_budget_s: float = Field(1.0, ge=0)
-    """Steps are journaled instead of snapshotted while re-running them would take less than this (their run
-    time since the last snapshot, tool calls excluded: replay answers those from the journal). A snapshot is a
-    fork of the whole interpreter, most of a cheap step's cost; 0 snapshots after every step. A replay whose
+    """Steps are journaled instead of snapshotted until re-running them would take this long (their run time
+    since the last snapshot, tool calls excluded: replay answers those from the journal); the step that gets
+    there is snapshotted. A snapshot is a fork of the whole interpreter, most of a cheap step's cost; 0
+    (and on_error="rollback", which needs the state before every step) snapshots after every step. A replay whose
     output differs from the original (time, randomness) is abandoned for the snapshot's older state, and the
     model is told which step that is. Files the code wrote are not rolled back either way."""
     warm_sandboxes: int = Field(2, ge=0)

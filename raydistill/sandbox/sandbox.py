@@ -407,13 +407,13 @@ class _Box:
             x = self.active
             self.version = next(_VERSIONS)  # the step may change the state from here on
             fds = []
-            if self.cfg.snapshots:
+            if self.cfg.snapshots and not self._journaling:
                 snap_host, snap_guest = make_pair()
                 fds = [snap_guest.fileno()]
                 self.family.begin_fork(x)  # its snapshot child must not be swept before it registers
             msg = {"op": "run", "code": code, "timeout_s": self.lim.step_timeout_s,
-                   "cpu_s": self.lim.cpu_s_per_step, "snapshot": "always" if self.cfg.on_error == "keep" else "success",
-                   "snapshot_after_s": self._replay_room()}
+                   "cpu_s": self.lim.cpu_s_per_step, "snapshot": "always" if self.cfg.on_error == "keep" else "success"}
+            t_send = time.perf_counter()
             try:
                 async with asyncio.timeout(self.lim.step_timeout_s):
                     await x.chan.send(msg, fds)
@@ -427,13 +427,18 @@ class _Box:
             if outcome == "result":
                 res = self._result(payload, t0, calls, tool_s, notice)
                 self.steps += 1
-                if record is not None:
-                    self._journal.append(_Entry(
-                        self.steps, code, tuple(record), _outcome_digest(payload), max(0.0, res.duration_s - tool_s),
-                        len(code) + sum(len(json.dumps(r[3], default=str)) for r in record)))
-                if snap_host is None:  # snapshots off: nothing to wait for
+                if snap_host is None:  # no snapshot fork in flight (snapshots off, or journaling)
                     if res.error is not None and self.cfg.on_error == "rollback":
                         self.needs_restore = True
+                    if record is not None:
+                        self._journal.append(_Entry(
+                            self.steps, code, tuple(record), _outcome_digest(payload),
+                            max(0.0, time.perf_counter() - t_send - tool_s),
+                            len(code) + sum(len(json.dumps(r[3], default=str)) for r in record)))
+                        if self._journal_due():
+                            handed_off = True  # _snapshot_in_background releases the lock
+                            self._bg = self.hub.loop.create_task(self._snapshot_in_background())
+                            return res
                     if self.family.ns:
                         self.family.request_sweep()
                     return res
@@ -618,8 +623,6 @@ class _Box:
             if ack.get("op") != "forked":
                 self.needs_restore = True
                 return
-            if ack.get("deferred"):  # cheap to replay: the journal has it, no snapshot made
-                return
             if ack.get("skipped"):  # on_error="rollback" and the step raised: back to the previous state
                 fam.end_fork(x)
                 marked = False
@@ -693,15 +696,26 @@ class _Box:
     def _journaling(self) -> bool:
         return self.cfg.snapshots and self.cfg.on_error == "keep" and self.cfg.replay_budget_s > 0
 
-    def _replay_room(self) -> float | None:
-        """Run time the next step may take and still be journaled, not snapshotted (None: always snapshot)."""
-        if not self._journaling:
-            return None
+    def _journal_due(self) -> bool:
+        """Replaying the journal would now take too long (or it grew too big): time for a snapshot."""
         base = self.snapshot.step if self.snapshot is not None else -1
         tail = [e for e in self._journal if e.step > base]
-        if len(tail) >= JOURNAL_MAX_STEPS or sum(e.size for e in tail) >= JOURNAL_MAX_BYTES:
-            return 0.0
-        return max(0.0, self.cfg.replay_budget_s - sum(e.cost_s for e in tail))
+        return (len(tail) >= JOURNAL_MAX_STEPS or sum(e.size for e in tail) >= JOURNAL_MAX_BYTES
+                or sum(e.cost_s for e in tail) >= self.cfg.replay_budget_s)
+
+    async def _snapshot_in_background(self) -> None:
+        """Snapshot the state the caller already has the result of (lock held; released here)."""
+        try:
+            if self.active is not None and self.active.alive:
+                await self._resnapshot(self.active)
+        except asyncio.CancelledError:
+            pass  # closing: nothing to keep
+        except Exception as e:  # noqa: BLE001 - never let a background task die silently
+            log.warning("sandbox: snapshot after step %d failed: %s: %s", self.steps, type(e).__name__, e)
+        finally:
+            self.lock.release()
+            if self.family is not None and self.family.ns and not self.closed:
+                self.family.request_sweep()
 
     async def _replay(self, entries: list[_Entry]) -> bool:
         """Re-run journaled steps on the new active interpreter; False (the caller discards it) as soon as one

@@ -250,6 +250,21 @@ def test_cheap_steps_are_journaled_and_replayed_after_a_crash():
         assert r.restored and s.run("a").value == "[1, 14]"
 
 
+def test_forks_inherit_the_journal_and_replay_their_own_steps():
+    with Sandbox(step_timeout_s=10) as s:
+        s.run("a = [1]")
+        child = s.fork()  # no snapshot to hand over: a fork of the interpreter, plus the parent's journal
+        try:
+            child.run("a.append(2)")
+            r = child.run(CRASH)
+            assert r.restored and "before this step" in r.error, r
+            assert child.run("a").value == "[1, 2]"
+            assert child.isolation["journal_steps"] == 3  # "a = [1]", "a.append(2)", "a"
+        finally:
+            child.close()
+        assert s.run("a").value == "[1]"
+
+
 def test_an_expensive_step_is_snapshotted_and_later_steps_journaled():
     with Sandbox(step_timeout_s=10, replay_budget_s=0.2) as s:
         s.run("x = 1")

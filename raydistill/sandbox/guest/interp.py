@@ -69,7 +69,6 @@ class Interpreter:
         self.role = "active"
         self.pid = os.getpid()
         self.step = 0
-        self.tool_wait_s = 0.0
         self.in_user = False
         self.final = _UNSET
         self.timeout_s = 0.0
@@ -131,12 +130,10 @@ class Interpreter:
             raise ValueError(f"{name}() arguments are too large ({size} characters, limit {self.max_tool_arg})")
         was_user, self.in_user = self.in_user, False
         remaining = signal.setitimer(signal.ITIMER_REAL, 0)[0]
-        t = time.perf_counter()
         try:
             self.chan.send(payload)
             got = self.chan.recv()
         finally:
-            self.tool_wait_s += time.perf_counter() - t
             if remaining > 0:
                 signal.setitimer(signal.ITIMER_REAL, remaining)
             self.in_user = was_user
@@ -160,7 +157,6 @@ class Interpreter:
         out = capture.CappedText(self.max_output)
         self.final = _UNSET
         value = error = etype = None
-        self.tool_wait_s = 0.0
         t0 = time.perf_counter()
         try:
             if not isinstance(code, str):
@@ -203,7 +199,7 @@ class Interpreter:
         self.final = _UNSET
         return {"stdout": capture.clean(out.getvalue()), "stdout_chars": out.total, "value": value,
                 "error": error, "error_type": etype, "is_final": is_final, "final_answer": answer,
-                "exec_s": time.perf_counter() - t0, "tool_wait_s": self.tool_wait_s}
+                "exec_s": time.perf_counter() - t0}
 
     def _arm(self, cpu_s: float) -> None:
         if self.timeout_s > 0:
@@ -262,13 +258,7 @@ class Interpreter:
                 res = self.run_step(msg)
                 self.chan.send({"op": "result", **res})
                 if fds:
-                    due = msg.get("snapshot_after_s")
-                    if isinstance(due, int | float) and res["exec_s"] - res["tool_wait_s"] < due:
-                        for fd in fds:  # cheap to replay: the host keeps the step in its journal instead
-                            os.close(fd)
-                        self.chan.send({"op": "forked", "ok": False, "skipped": True, "deferred": True, "pids": [],
-                                        "errors": []})
-                    elif msg.get("snapshot") == "always" or res["error"] is None:
+                    if msg.get("snapshot") == "always" or res["error"] is None:
                         time.sleep(SNAPSHOT_DELAY_S)
                         if self._fork_into(fds, "snapshot"):
                             self._prefault()
