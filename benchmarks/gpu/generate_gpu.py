@@ -334,6 +334,7 @@ class BenchTeacher(TeacherWorker):
         self.times_path.parent.mkdir(parents=True, exist_ok=True)
         self.probe = LoopProbe()
         self._stage_probe_started = False
+        self._after_done = False
         super().__init__(*args, **kwargs)
         with self.times_path.open("a") as f:
             f.write(json.dumps({"engine_ready": time.time()}) + "\n")
@@ -407,34 +408,39 @@ class BenchTeacher(TeacherWorker):
                     gen_s_per_step=round(sum(s.gen_s for s in steps) / max(1, len(steps)), 4),
                     mean_exec_ms=round(1000 * sum(s.exec_s for s in steps) / max(1, len(steps)), 2))
 
-    async def _run_baselines(self) -> None:
+    async def _variant(self, name: str, n: int, conc: int) -> dict:
+        """Run one baseline/extra variant on this actor's engine (prefix cache reset first), probed and printed."""
         from benchmarks.episodes import Shape, run_bare
+
+        inner = self.raw_engine
+        shape = Shape(**self.baselines["shape"])
+        await inner.reset_prefix_cache()
+        if name in ("bare", "paper", "bare_detok", "bare_nosplice", "bare_again", "bare_after"):
+            coro = run_bare(inner, shape, n, conc, role="teacher", name=name, detokenize=name == "bare_detok",
+                            reuse_generated=name != "bare_nosplice")
+        elif name == "actor_loop" or name.removeprefix("actor_loop_") in ("full_render", "on_loop", "in_actor",
+                                                                          *EXTRA_POOLS):
+            kind = name.removeprefix("actor_loop").removeprefix("_")
+            coro = self._actor_loop(shape, n, conc, incremental=kind != "full_render", on_loop=kind == "on_loop",
+                                    pool=kind if kind in ("in_actor", *EXTRA_POOLS) else None)
+        else:
+            raise ValueError(f"unknown extra variant {name!r}")
+        r = await self._probed(name, coro)
+        print(f"[variant] {json.dumps({k: v for k, v in r.items() if k != 'probe'})}", flush=True)
+        return r
+
+    async def _run_baselines(self) -> None:
         from raydistill.engines import ChatRequest, SamplingParams
 
         b = self.baselines
         inner = self.raw_engine
-        shape = Shape(**b["shape"])
         warm = SamplingParams(max_tokens=8, ignore_eos=True)  # first requests (graphs, allocator) untimed
         await asyncio.gather(*(inner.generate(ChatRequest(prompt_token_ids=[100 + i] * 64), warm) for i in range(8)))
         plan = [("bare", b["episodes"], b["concurrency"])]
         if b["paper_episodes"]:
             plan.append(("paper", b["paper_episodes"], 4))
         plan += [(x, b["extra_episodes"], b["concurrency"]) for x in b.get("extra", []) if x != "bare_after"]
-        runs = []
-        for name, n, conc in plan:
-            await inner.reset_prefix_cache()
-            if name in ("bare", "paper", "bare_detok", "bare_nosplice", "bare_again", "bare_after"):
-                coro = run_bare(inner, shape, n, conc, role="teacher", name=name, detokenize=name == "bare_detok",
-                                reuse_generated=name != "bare_nosplice")
-            elif name == "actor_loop" or name.removeprefix("actor_loop_") in ("full_render", "on_loop", "in_actor",
-                                                                              *EXTRA_POOLS):
-                kind = name.removeprefix("actor_loop").removeprefix("_")
-                coro = self._actor_loop(shape, n, conc, incremental=kind != "full_render", on_loop=kind == "on_loop",
-                                        pool=kind if kind in ("in_actor", *EXTRA_POOLS) else None)
-            else:
-                raise ValueError(f"unknown extra variant {name!r}")
-            runs.append(await self._probed(name, coro))
-            print(f"[variant] {json.dumps({k: v for k, v in runs[-1].items() if k != 'probe'})}", flush=True)
+        runs = [await self._variant(name, n, conc) for name, n, conc in plan]
         await inner.reset_prefix_cache()
         self.phases = dict.fromkeys(self.phases, 0.0)  # the stage's phase sums start now
         self.episodes_run = 0
@@ -462,27 +468,17 @@ class BenchTeacher(TeacherWorker):
         tmp.write_text(json.dumps(snap))
         os.replace(tmp, self.times_dir / f"probe-{os.getpid()}.json")
         b = self.baselines
-        if (b is not None and "bare_after" in b.get("extra", []) and not getattr(self, "_after_done", False)
+        if (b is not None and "bare_after" in b.get("extra", []) and not self._after_done
                 and self.episodes_run >= b["episodes"]):
-            self._after_done = True  # the stage's last episode is done: bare once more, on the same engine
-            await self._bare_after()
+            # the stage's last episode is done: bare once more on the same engine, bracketing the stage with
+            # bare_again; its span is logged as excluded and subtracted from the stage's wall clock
+            self._after_done = True
+            t0 = time.time()
+            r = await self._variant("bare_after", b["extra_episodes"], b["concurrency"])
+            with self.times_path.open("a") as f:
+                f.write(json.dumps({"excluded": [t0, time.time()]}) + "\n")
+            Path(b["out"]).with_suffix(".after.json").write_text(json.dumps([r]))
         return out
-
-    async def _bare_after(self) -> None:
-        """bare_after: brackets the stage with bare_again (before) so drift of the engine's own speed shows. Its
-        span is logged as excluded and subtracted from the stage's wall clock."""
-        from benchmarks.episodes import Shape, run_bare
-
-        b = self.baselines
-        inner = self.raw_engine
-        await inner.reset_prefix_cache()
-        t0 = time.time()
-        r = await self._probed("bare_after", run_bare(inner, Shape(**b["shape"]), b["extra_episodes"],
-                                                      b["concurrency"], role="teacher", name="bare_after"))
-        with self.times_path.open("a") as f:
-            f.write(json.dumps({"excluded": [t0, time.time()]}) + "\n")
-        print(f"[variant] {json.dumps({k: v for k, v in r.items() if k != 'probe'})}", flush=True)
-        Path(b["out"]).with_suffix(".after.json").write_text(json.dumps([r]))
 
     async def run_one(self, row):
         t0 = time.time()

@@ -54,11 +54,16 @@ class _Entry:
     step: int
     code: str
     tool_calls: tuple
-    """(name, args, kwargs, reply) of each tool call, in order: replay answers from here, never calls tools."""
+    """(name, args, kwargs, reply, reply size) of each tool call, in order: replay answers from here, never
+    calls tools."""
     outcome: str
     """Digest of what the step showed (stdout, value, error, final answer): a replay must show the same."""
     cost_s: float
     size: int
+
+
+def _tool_error(message: str) -> tuple[dict, int]:
+    return {"op": "tool_result", "ok": False, "error": message}, len(message)
 
 
 def _outcome_digest(m: dict) -> str:
@@ -434,7 +439,7 @@ class _Box:
                         self._journal.append(_Entry(
                             self.steps, code, tuple(record), _outcome_digest(payload),
                             max(0.0, time.perf_counter() - t_send - tool_s),
-                            len(code) + sum(len(json.dumps(r[3], default=str)) for r in record)))
+                            len(code) + sum(r[4] for r in record)))
                         if self._journal_due():
                             handed_off = True  # _snapshot_in_background releases the lock
                             self._bg = self.hub.loop.create_task(self._snapshot_in_background())
@@ -557,9 +562,9 @@ class _Box:
                     return "diverged", None, calls, tool_s
                 reply = replay.pop(0)[3]
             else:
-                reply = await self._call_tool(msg, caller_loop)
-            if record is not None:
-                record.append((*call, reply))
+                reply, nbytes = await self._call_tool(msg, caller_loop)
+                if record is not None:
+                    record.append((*call, reply, nbytes))
             calls += 1
             tool_s += time.monotonic() - t1
             try:
@@ -572,31 +577,31 @@ class _Box:
         return await asyncio.to_thread(_usage_exceeds, self.family.tmp_dir, self.lim.tmp_size_mb << 20,
                                        self.lim.tmp_inodes)
 
-    async def _call_tool(self, msg: dict, caller_loop) -> dict:
+    async def _call_tool(self, msg: dict, caller_loop) -> tuple[dict, int]:
+        """The reply to send back, and the size of what it carries (the JSON size of the value, or the error's
+        length), which the journal counts."""
         name, args, kwargs = msg.get("name"), msg.get("args"), msg.get("kwargs")
         if not isinstance(name, str) or name not in self.tools:
-            return {"op": "tool_result", "ok": False, "error": f"unknown tool {str(name)[:80]!r}"}
+            return _tool_error(f"unknown tool {str(name)[:80]!r}")
         if not isinstance(args, list) or not isinstance(kwargs, dict):
-            return {"op": "tool_result", "ok": False, "error": "malformed tool call"}
+            return _tool_error("malformed tool call")
         fn = self.tools[name]
         try:
             value = await asyncio.wait_for(self._invoke(fn, args, kwargs, caller_loop), self.lim.tool_timeout_s)
         except TimeoutError:
-            return {"op": "tool_result", "ok": False,
-                    "error": f"{name} did not answer within {self.lim.tool_timeout_s:g} seconds"}
+            return _tool_error(f"{name} did not answer within {self.lim.tool_timeout_s:g} seconds")
         except Exception as e:  # noqa: BLE001 - tool failures are reported to the model, not raised
-            return {"op": "tool_result", "ok": False, "error": clip(f"{name} failed: {type(e).__name__}: {e}", 2000)}
+            return _tool_error(clip(f"{name} failed: {type(e).__name__}: {e}", 2000))
         if isinstance(value, str):
             value = clip(value, self.lim.max_tool_result_chars)
         try:
             size = len(json.dumps(value))
         except (TypeError, ValueError):
             log.warning("sandbox tool %r returned a non-JSON value of type %s", name, type(value).__name__)
-            return {"op": "tool_result", "ok": False,
-                    "error": f"{name} returned a {type(value).__name__}, which cannot be passed into the sandbox"}
+            return _tool_error(f"{name} returned a {type(value).__name__}, which cannot be passed into the sandbox")
         if size > 12 * self.lim.max_tool_result_chars:
-            return {"op": "tool_result", "ok": False, "error": f"{name} returned too much data ({size} bytes)"}
-        return {"op": "tool_result", "ok": True, "value": value}
+            return _tool_error(f"{name} returned too much data ({size} bytes)")
+        return {"op": "tool_result", "ok": True, "value": value}, size
 
     async def _invoke(self, fn: Callable, args: list, kwargs: dict, caller_loop) -> Any:
         if _is_async(fn):
