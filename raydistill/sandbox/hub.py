@@ -284,6 +284,10 @@ class Zygote:
             shutil.rmtree(self.plan.tmp_base, ignore_errors=True)
 
 
+def _boottime_ticks() -> int:
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
+
+
 class Family:
     """One warden and every interpreter forked from the same fresh sandbox (refcounted by boxes)."""
 
@@ -299,6 +303,7 @@ class Family:
         self._wlock = asyncio.Lock()
         self._sweep_task: asyncio.Task | None = None
         self._sweep_again = False
+        self._sweep_as_of = 0
         self._last_sweep = 0.0
         self.closed = False
 
@@ -355,6 +360,7 @@ class Family:
         """Kill every family process nobody registered (what model code forked); coalesced, in background."""
         if self.closed or not self.warden.alive:
             return
+        self._sweep_as_of = _boottime_ticks()  # the sweep may run later: what starts after this call is spared
         if self._sweep_task is not None and not self._sweep_task.done():
             self._sweep_again = True
             return
@@ -368,17 +374,18 @@ class Family:
             self._last_sweep = time.monotonic()
             self._sweep_again = False
             try:
-                await self.sweep()
+                await self.sweep(self._sweep_as_of)
             except Exception as e:  # noqa: BLE001 - a failed sweep is retried at the next event
                 log.debug("sandbox sweep failed: %s", e)
             if not self._sweep_again or self.closed:
                 return
 
-    async def sweep(self) -> int:
-        """Kill family processes that are not registered, not a fork in flight, and older than now (so a
-        step that started after this call keeps what it forks)."""
+    async def sweep(self, as_of: int | None = None) -> int:
+        """Kill family processes that are not registered, not a fork in flight, and older than `as_of` (boot
+        time in clock ticks; default now), so a step that started after the sweep was asked for keeps what it
+        forks even when the sweep runs during it."""
         async with self._wlock:
-            as_of = int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
+            as_of = _boottime_ticks() if as_of is None else as_of
             level = 1 if self.ns else 0  # the warden's /proc is bubblewrap's pid namespace (or the host's)
             live = [p for p in self.members if p.alive and len(p.nspids) > level]
             msg = {"op": "sweep", "as_of": as_of, "keep": [p.inner_pid for p in live],
