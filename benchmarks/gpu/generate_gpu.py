@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)
 
+from benchmarks.gpu import cpus  # noqa: E402
 from raydistill.actors.teacher import TeacherWorker  # noqa: E402
 
 # -- instrumentation (runs inside the teacher actor) ----------------------------------------------------------
@@ -94,6 +95,7 @@ class LoopProbe:
         self._task = None
         self._thread = None
         self._stop = None
+        self.engine_core: int | None = None  # vLLM's engine core process (per-thread CPU, preemptions)
 
     def start(self, name: str) -> None:
         import collections
@@ -122,6 +124,7 @@ class LoopProbe:
             self.clk = None
         self.vllm0 = vllm_counters()
         self.stat0 = _proc_stat()
+        self.cpus0 = cpus.snapshot(self.engine_core)
         self.gc_pauses: list[tuple[int, float]] = []
         self._gc_t0 = 0.0
         gc.callbacks.append(self._gc)
@@ -232,6 +235,7 @@ class LoopProbe:
             busy = sum(d[0:3]) + sum(d[5:8])
             out["machine"] = {"busy_cores": round(busy / os.sysconf("SC_CLK_TCK") / wall, 2),
                               "busy_share": round(busy / sum(d), 3), "steal_share": round(d[7] / sum(d), 4)}
+        out["cpus"] = cpus.delta(self.cpus0, cpus.snapshot(self.engine_core), wall)
         return out
 
 
@@ -324,7 +328,7 @@ class BenchTeacher(TeacherWorker):
     probes every window (LoopProbe) - the stage's window from its first episode, rewritten after each batch."""
 
     def __init__(self, *args, bench_steps: int, bench_gen_tokens: int, times_dir: str,
-                 baselines: dict | None = None, **kwargs) -> None:
+                 baselines: dict | None = None, pin: bool = False, **kwargs) -> None:
         self.bench_steps, self.bench_gen_tokens = bench_steps, bench_gen_tokens
         self.baselines = baselines
         self._baseline_lock: asyncio.Lock | None = None
@@ -338,6 +342,14 @@ class BenchTeacher(TeacherWorker):
         super().__init__(*args, **kwargs)
         with self.times_path.open("a") as f:
             f.write(json.dumps({"engine_ready": time.time()}) + "\n")
+        self.probe.engine_core = cpus.engine_core_pid()
+        self.placement = cpus.Placement(self.probe.engine_core, os.getpid()) if self.probe.engine_core else None
+        self.pinned = False
+        if pin and self.placement is not None:
+            info = {"topology": self.placement.topology, **self.placement.apply()}
+            self.pinned = info["pinned"]
+            print(f"[pin] {json.dumps(info)}", flush=True)
+            (self.times_dir / "placement.json").write_text(json.dumps(info))
 
     def _create_engine(self, create_engine):
         from raydistill.engines.fixed_action import default_action
@@ -415,17 +427,26 @@ class BenchTeacher(TeacherWorker):
         inner = self.raw_engine
         shape = Shape(**self.baselines["shape"])
         await inner.reset_prefix_cache()
-        if name in ("bare", "paper", "bare_detok", "bare_nosplice", "bare_again", "bare_after"):
-            coro = run_bare(inner, shape, n, conc, role="teacher", name=name, detokenize=name == "bare_detok",
-                            reuse_generated=name != "bare_nosplice")
-        elif name == "actor_loop" or name.removeprefix("actor_loop_") in ("full_render", "on_loop", "in_actor",
+        base = name.removesuffix("_unpinned")  # <variant>_unpinned: that variant with every process on all CPUs
+        if base in ("bare", "paper", "bare_detok", "bare_nosplice", "bare_again", "bare_after"):
+            coro = run_bare(inner, shape, n, conc, role="teacher", name=name, detokenize=base == "bare_detok",
+                            reuse_generated=base != "bare_nosplice")
+        elif base == "actor_loop" or base.removeprefix("actor_loop_") in ("full_render", "on_loop", "in_actor",
                                                                           *EXTRA_POOLS):
-            kind = name.removeprefix("actor_loop").removeprefix("_")
+            kind = base.removeprefix("actor_loop").removeprefix("_")
             coro = self._actor_loop(shape, n, conc, incremental=kind != "full_render", on_loop=kind == "on_loop",
                                     pool=kind if kind in ("in_actor", *EXTRA_POOLS) else None)
         else:
             raise ValueError(f"unknown extra variant {name!r}")
-        r = await self._probed(name, coro)
+        unpin = base != name and self.pinned
+        if unpin:
+            print(f"[pin] {name}: {json.dumps(self.placement.release())}", flush=True)
+        try:
+            r = await self._probed(name, coro)
+        finally:
+            if unpin:
+                print(f"[pin] after {name}: {json.dumps(self.placement.apply())}", flush=True)
+        r["variant"] = name
         print(f"[variant] {json.dumps({k: v for k, v in r.items() if k != 'probe'})}", flush=True)
         return r
 
@@ -541,7 +562,7 @@ def run_stage(args, cfg, model_dir: str, shape, tok) -> dict:
     baselines_out = cfg.run_path / "baselines.json"
     extra_pools = {}
     for name, over in EXTRA_POOLS.items():
-        if f"actor_loop_{name}" in args.extra:
+        if f"actor_loop_{name}" in {x.removesuffix("_unpinned") for x in args.extra}:
             over = dict(over)
             extra_pools[name] = SandboxPool(cfg.sandbox, num_actors=over.pop("num_actors", None), **over)
             for _ in extra_pools[name].actors:
@@ -554,7 +575,7 @@ def run_stage(args, cfg, model_dir: str, shape, tok) -> dict:
         cfg, "agent", rows, worker_cls=BenchTeacher, tools=tools,
         worker_kwargs={"bench_steps": shape.steps, "bench_gen_tokens": shape.gen_tokens, "times_dir": str(times_dir),
                        "baselines": baselines, "incremental_prompts": not args.full_render,
-                       "grade_in_worker": not args.no_grade})
+                       "grade_in_worker": not args.no_grade, "pin": args.pin})
     t_done = time.time()
     events = [json.loads(x) for p in times_dir.glob("*.jsonl") for x in p.read_text().splitlines()]
     starts = [e["start"] for e in events if "start" in e]
@@ -577,7 +598,9 @@ def run_stage(args, cfg, model_dir: str, shape, tok) -> dict:
     after = baselines_out.with_suffix(".after.json")
     if after.exists():
         baseline_runs += json.loads(after.read_text())
+    placement = times_dir / "placement.json"
     return baseline_runs, dict(
+        placement=json.loads(placement.read_text()) if placement.exists() else None,
         variant="stage", episodes=len(trajs), concurrency=args.concurrency, wall_s=round(wall, 3),
         episodes_per_s=round(len(trajs) / wall, 3), trajectories_per_s=round(len(trajs) / wall, 3),
         gen_tokens=gen_tokens, tok_s=round(gen_tokens / wall, 1),
@@ -625,6 +648,8 @@ def diagnosis(runs: list[dict]) -> list[dict]:
             if v.get("mean_request_queue_time_seconds") is not None else None,
             "mach_cores": (p.get("machine") or {}).get("busy_cores"),
             "steal": (p.get("machine") or {}).get("steal_share"),
+            "ec_cores": ((p.get("cpus") or {}).get("engine_core") or {}).get("cores"),
+            "ec_preempt_s": ((p.get("cpus") or {}).get("engine_core") or {}).get("preempted_per_s"),
         })
     return rows
 
@@ -646,6 +671,13 @@ def print_diagnosis(rows: list[dict], runs: list[dict]) -> None:
             if p["other_threads_busy_pct"]:
                 print(f"  {r['variant']} other busy threads: "
                       + "; ".join(f"{k} {v}" for k, v in p["other_threads_busy_pct"][:4]), flush=True)
+            c = p.get("cpus") or {}
+            if c.get("top_procs"):
+                print(f"  {r['variant']} busiest processes (cores): "
+                      + "; ".join(f"{k} [{pid}] {v}" for k, pid, v in c["top_procs"][:6]), flush=True)
+            if c.get("engine_core"):
+                print(f"  {r['variant']} engine core threads (name, tid, cores, preempted/s): "
+                      + "; ".join(str(t) for t in c["engine_core"]["threads"]), flush=True)
             st = p.get("stalls") or {}
             if st.get("n"):
                 print(f"  {r['variant']} stalls >= {st['at_least_ms']} ms: {st['n']} ({st['over_100ms']} >= 100 ms, {st['ms']} ms in all, "
@@ -682,6 +714,9 @@ def main(argv: list[str] | None = None) -> int:
                    "bare_again (bare once more; list it last to run it right before the stage and show the engine's drift "
                    "within the run), bare_after (bare right after the stage's last episode, excluded from its wall "
                    "clock; with bare_again it brackets the stage)")
+    p.add_argument("--pin", action="store_true", help="the engine core and the teacher actor on physical cores "
+                   "of their own, every other process of this user on the rest (benchmarks/gpu/cpus.py); extras "
+                   "named <variant>_unpinned run that variant with everyone on all CPUs")
     p.add_argument("--extra-episodes", type=int, default=None, help="episodes per extra variant (default --episodes)")
     p.add_argument("--full-render", action="store_true", help="stage: old path, re-tokenize the whole conversation")
     p.add_argument("--no-grade", action="store_true", help="stage: no grading in the actor (the filter grades)")

@@ -1,0 +1,156 @@
+"""Where the machine's CPU goes, per process, and CPU placement experiments (Linux /proc and /sys only).
+
+The generate benchmark's stage decodes slower than bare on the same engine (higher inter-token latency at the
+same tokens per iteration). For a 0.5B model the engine core's loop is CPU-bound, so these helpers show which
+processes take the CPU in each window (and how often the engine core is preempted), and can give the engine
+core and the teacher actor physical cores of their own, everything else of this user kept off them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _stat(path: str) -> list[str]:
+    """Fields of a /proc stat file after the command (so field 0 is the state)."""
+    s = _read(path)
+    return s[s.rfind(")") + 2:].split() if s else []
+
+
+def my_pids() -> list[int]:
+    """Processes of this user, kernel threads left out (as root, that is every user-space process)."""
+    uid = os.getuid()
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if os.stat(f"/proc/{d}").st_uid == uid and _read(f"/proc/{d}/cmdline"):
+                    out.append(int(d))
+            except OSError:
+                pass
+    return out
+
+
+def label(pid: int) -> str:
+    cmd = _read(f"/proc/{pid}/cmdline").replace("\0", " ").strip()
+    return cmd[:48] or _read(f"/proc/{pid}/comm").strip()
+
+
+def children(pid: int) -> list[int]:
+    """Descendants of pid (any depth)."""
+    parent = {p: int(f[1]) for p in my_pids() if len(f := _stat(f"/proc/{p}/stat")) > 1}
+    out, todo = [], [pid]
+    while todo:
+        cur = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == cur]
+        out += kids
+        todo += kids
+    return out
+
+
+def engine_core_pid(frontend: int | None = None) -> int | None:
+    """The vLLM engine core process under `frontend` (default: this process), by its process title."""
+    for p in children(frontend or os.getpid()):
+        if "EngineCore" in label(p):
+            return p
+    return None
+
+
+def snapshot(engine_core: int | None) -> dict:
+    """CPU seconds per process of this user; per thread and involuntary context switches for the engine core."""
+    procs = {}
+    for p in my_pids():
+        f = _stat(f"/proc/{p}/stat")
+        if len(f) > 13:
+            procs[p] = (int(f[11]) + int(f[12])) / CLK
+    ec = {}
+    if engine_core:
+        for t in os.listdir(f"/proc/{engine_core}/task") if os.path.isdir(f"/proc/{engine_core}/task") else []:
+            f = _stat(f"/proc/{engine_core}/task/{t}/stat")
+            st = _read(f"/proc/{engine_core}/task/{t}/status")
+            inv = next((int(x.split()[1]) for x in st.splitlines() if x.startswith("nonvoluntary_ctxt_switches")), 0)
+            if len(f) > 13:
+                ec[int(t)] = ((int(f[11]) + int(f[12])) / CLK, inv, _read(f"/proc/{engine_core}/task/{t}/comm").strip())
+    return {"procs": procs, "engine_core": engine_core, "ec": ec}
+
+
+def delta(a: dict, b: dict, wall: float, top: int = 10) -> dict:
+    """Busiest processes over the window (CPU cores), and the engine core's threads and preemptions per s."""
+    d = {p: b["procs"][p] - a["procs"].get(p, 0.0) for p in b["procs"]}
+    busy = sorted(d.items(), key=lambda kv: -kv[1])[:top]
+    out = {"top_procs": [[label(p), p, round(v / wall, 3)] for p, v in busy if v > 0],
+           "all_procs_cores": round(sum(d.values()) / wall, 3)}
+    if b["ec"]:
+        th = []
+        for t, (cpu, inv, name) in b["ec"].items():
+            c0, i0, _ = a["ec"].get(t, (0.0, 0, name))
+            th.append((name, t, round((cpu - c0) / wall, 3), round((inv - i0) / wall, 1)))
+        th.sort(key=lambda x: -x[2])
+        out["engine_core"] = {"pid": b["engine_core"], "cores": round(sum(x[2] for x in th), 3),
+                              "preempted_per_s": round(sum(x[3] for x in th), 1),
+                              "threads": [list(x) for x in th[:4]]}
+    return out
+
+
+def sibling_groups() -> list[list[int]]:
+    """Physical cores (groups of SMT siblings) among the CPUs this process may use, in CPU order."""
+    allowed = sorted(os.sched_getaffinity(0))
+    groups: dict[str, list[int]] = {}
+    for c in allowed:
+        sib = _read(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").strip() or str(c)
+        groups.setdefault(sib, []).append(c)
+    return list(groups.values())
+
+
+def set_affinity(pid: int, cpus: set[int]) -> int:
+    """Every thread of pid (sched_setaffinity(pid) alone moves only the main thread); threads moved."""
+    n = 0
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return 0
+    for t in tids:
+        try:
+            os.sched_setaffinity(t, cpus)
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+class Placement:
+    """The engine core alone on one physical core, the frontend (teacher actor) on another, every other
+    process of this user on the rest; `release` gives everyone all CPUs again. Processes started later
+    inherit their parent's set (sandbox forks, Ray workers started by the raylet)."""
+
+    def __init__(self, engine_core: int, frontend: int) -> None:
+        self.engine_core, self.frontend = engine_core, frontend
+        groups = sibling_groups()
+        self.all = {c for g in groups for c in g}
+        self.ok = len(groups) >= 4
+        if self.ok:
+            self.ec_cpus, self.fe_cpus = set(groups[-1]), set(groups[-2])
+            self.rest = self.all - self.ec_cpus - self.fe_cpus
+        self.topology = groups
+
+    def apply(self) -> dict:
+        if not self.ok:
+            return {"pinned": False, "why": f"{len(self.topology)} physical cores (need 4)"}
+        threads = 0
+        for p in my_pids():
+            cpus = self.ec_cpus if p == self.engine_core else self.fe_cpus if p == self.frontend else self.rest
+            threads += set_affinity(p, cpus)
+        return {"pinned": True, "engine_core_cpus": sorted(self.ec_cpus), "frontend_cpus": sorted(self.fe_cpus),
+                "rest": len(self.rest), "threads": threads}
+
+    def release(self) -> dict:
+        return {"pinned": False, "threads": sum(set_affinity(p, self.all) for p in my_pids())}
