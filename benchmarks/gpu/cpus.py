@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from raydistill.engines.cpu_pinning import engine_core_pids, set_affinity
+
 CLK = os.sysconf("SC_CLK_TCK")
 
 
@@ -45,24 +47,10 @@ def label(pid: int) -> str:
     return cmd[:48] or _read(f"/proc/{pid}/comm").strip()
 
 
-def children(pid: int) -> list[int]:
-    """Descendants of pid (any depth)."""
-    parent = {p: int(f[1]) for p in my_pids() if len(f := _stat(f"/proc/{p}/stat")) > 1}
-    out, todo = [], [pid]
-    while todo:
-        cur = todo.pop()
-        kids = [p for p, pp in parent.items() if pp == cur]
-        out += kids
-        todo += kids
-    return out
-
-
 def engine_core_pid(frontend: int | None = None) -> int | None:
-    """The vLLM engine core process under `frontend` (default: this process), by its process title."""
-    for p in children(frontend or os.getpid()):
-        if "EngineCore" in label(p):
-            return p
-    return None
+    """The vLLM engine core process under `frontend` (default: this process)."""
+    found = engine_core_pids(frontend or os.getpid())
+    return found[0] if found else None
 
 
 def snapshot(engine_core: int | None) -> dict:
@@ -103,7 +91,7 @@ def delta(a: dict, b: dict, wall: float, top: int = 10) -> dict:
 
 def sibling_groups() -> list[list[int]]:
     """Physical cores (groups of SMT siblings) among the CPUs this process may use, in CPU order."""
-    allowed = sorted(os.sched_getaffinity(0))
+    allowed = range(os.cpu_count() or 1)  # not this process's set: the engine's own pinning narrowed it
     groups: dict[str, list[int]] = {}
     for c in allowed:
         sib = _read(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").strip() or str(c)
@@ -111,26 +99,11 @@ def sibling_groups() -> list[list[int]]:
     return list(groups.values())
 
 
-def set_affinity(pid: int, cpus: set[int]) -> int:
-    """Every thread of pid (sched_setaffinity(pid) alone moves only the main thread); threads moved."""
-    n = 0
-    try:
-        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        return 0
-    for t in tids:
-        try:
-            os.sched_setaffinity(t, cpus)
-            n += 1
-        except OSError:
-            pass
-    return n
-
-
 class Placement:
     """The engine core alone on one physical core, the frontend (teacher actor) on another, every other
-    process of this user on the rest; `release` gives everyone all CPUs again. Processes started later
-    inherit their parent's set (sandbox forks, Ray workers started by the raylet)."""
+    process of this user on the rest (the engine's own `pin_cpus` moves only the first two); `release`
+    gives everyone all CPUs again. Processes started later inherit their parent's set (sandbox forks, Ray
+    workers started by the raylet)."""
 
     def __init__(self, engine_core: int, frontend: int) -> None:
         self.engine_core, self.frontend = engine_core, frontend
@@ -153,4 +126,10 @@ class Placement:
                 "rest": len(self.rest), "threads": threads}
 
     def release(self) -> dict:
-        return {"pinned": False, "threads": sum(set_affinity(p, self.all) for p in my_pids())}
+        return release(self.all)
+
+
+def release(all_cpus: set[int] | None = None) -> dict:
+    """Every process of this user on all CPUs."""
+    cpus = all_cpus or set(range(os.cpu_count() or 1))
+    return {"pinned": False, "threads": sum(set_affinity(p, cpus) for p in my_pids())}

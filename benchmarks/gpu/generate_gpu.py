@@ -343,13 +343,24 @@ class BenchTeacher(TeacherWorker):
         with self.times_path.open("a") as f:
             f.write(json.dumps({"engine_ready": time.time()}) + "\n")
         self.probe.engine_core = cpus.engine_core_pid()
-        self.placement = cpus.Placement(self.probe.engine_core, os.getpid()) if self.probe.engine_core else None
-        self.pinned = False
-        if pin and self.placement is not None:
-            info = {"topology": self.placement.topology, **self.placement.apply()}
-            self.pinned = info["pinned"]
-            print(f"[pin] {json.dumps(info)}", flush=True)
-            (self.times_dir / "placement.json").write_text(json.dumps(info))
+        # the engine's own placement (engine.pin_cpus: engine core and this actor on a CPU each); --pin also
+        # moves every other process off them (cpus.Placement)
+        self.engine_pin = getattr(self.raw_engine, "placement", None)
+        self.placement = (cpus.Placement(self.probe.engine_core, os.getpid())
+                          if pin and self.probe.engine_core else None)
+        info = {"engine": self.engine_pin}
+        if self.placement is not None:
+            info["isolate"] = {"topology": self.placement.topology, **self.placement.apply()}
+        self.pinned = bool((self.engine_pin or {}).get("pinned") or (info.get("isolate") or {}).get("pinned"))
+        print(f"[pin] {json.dumps(info)}", flush=True)
+        (self.times_dir / "placement.json").write_text(json.dumps(info))
+
+    def _repin(self) -> dict:
+        if self.placement is not None:
+            return self.placement.apply()
+        from raydistill.engines.cpu_pinning import pin_engine
+
+        return pin_engine()
 
     def _create_engine(self, create_engine):
         from raydistill.engines.fixed_action import default_action
@@ -440,12 +451,12 @@ class BenchTeacher(TeacherWorker):
             raise ValueError(f"unknown extra variant {name!r}")
         unpin = base != name and self.pinned
         if unpin:
-            print(f"[pin] {name}: {json.dumps(self.placement.release())}", flush=True)
+            print(f"[pin] {name}: {json.dumps(cpus.release())}", flush=True)
         try:
             r = await self._probed(name, coro)
         finally:
             if unpin:
-                print(f"[pin] after {name}: {json.dumps(self.placement.apply())}", flush=True)
+                print(f"[pin] after {name}: {json.dumps(self._repin())}", flush=True)
         r["variant"] = name
         print(f"[variant] {json.dumps({k: v for k, v in r.items() if k != 'probe'})}", flush=True)
         return r
@@ -518,7 +529,7 @@ def build_config(args, model_dir: str, run_dir: Path, cpu: bool):
                if cpu else
                dict(backend="vllm", model=model_dir, load_format="dummy", dtype="bfloat16", max_model_len=8192,
                     gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-                    enable_prefix_caching=True, num_gpus=1,
+                    enable_prefix_caching=True, num_gpus=1, pin_cpus=args.pin_cpus,
                     # vLLM's stat loggers on: the prometheus counters LoopProbe reads (prefix-cache hits,
                     # preemptions, queue time, inter-token latency) and the periodic "Prefix cache hit rate" log.
                     engine_kwargs={"disable_log_stats": not args.vllm_stats}))
@@ -714,9 +725,11 @@ def main(argv: list[str] | None = None) -> int:
                    "bare_again (bare once more; list it last to run it right before the stage and show the engine's drift "
                    "within the run), bare_after (bare right after the stage's last episode, excluded from its wall "
                    "clock; with bare_again it brackets the stage)")
-    p.add_argument("--pin", action="store_true", help="the engine core and the teacher actor on physical cores "
-                   "of their own, every other process of this user on the rest (benchmarks/gpu/cpus.py); extras "
-                   "named <variant>_unpinned run that variant with everyone on all CPUs")
+    p.add_argument("--pin", action="store_true", help="besides the engine's own placement (engine core and "
+                   "teacher actor on a CPU each), every other process of this user moved off those CPUs "
+                   "(benchmarks/gpu/cpus.py); extras named <variant>_unpinned run that variant with everyone on all CPUs")
+    p.add_argument("--no-pin-cpus", dest="pin_cpus", action="store_false",
+                   help="GPU: the engine's pin_cpus off (the OS places the engine core and the teacher actor)")
     p.add_argument("--extra-episodes", type=int, default=None, help="episodes per extra variant (default --episodes)")
     p.add_argument("--full-render", action="store_true", help="stage: old path, re-tokenize the whole conversation")
     p.add_argument("--no-grade", action="store_true", help="stage: no grading in the actor (the filter grades)")

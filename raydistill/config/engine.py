@@ -30,6 +30,10 @@ class EngineConfig(Section):
     max_lora_rank: int = 64
     enforce_eager: bool = False
     """vLLM: skip CUDA graph capture (faster start, slower decode)."""
+    pin_cpus: bool = True
+    """vLLM: the engine core on one CPU and this process (its frontend) on another, taken from the top of the
+    node's CPUs per GPU slot (engines/cpu_pinning.py; 20-28% lower inter-token latency for a 0.5B model on a
+    16-vCPU VM). Skipped, with a log line, where the node has too few CPUs."""
     engine_kwargs: dict[str, Any] = {}
     """vLLM: extra AsyncEngineArgs fields, passed through verbatim."""
     # transformers

@@ -208,7 +208,7 @@ def available_backends() -> list[str]:
 
     pkg = importlib.import_module(__package__)
     names = {m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")}
-    names -= {"base", "rendering", "openai_server", "fixed_action"}
+    names -= {"base", "rendering", "openai_server", "fixed_action", "cpu_pinning"}
     return sorted(names | set(_REGISTRY))
 
 

@@ -72,6 +72,13 @@ class VLLMEngine(Engine):
             self.lora_request = LoRARequest(lora_name=name, lora_int_id=1, lora_path=adapter)
         args = AsyncEngineArgs(**engine_args_kwargs(cfg, self.model_path, tok_path))
         self.llm = AsyncLLM.from_engine_args(args)
+        self.placement = {"pinned": False, "why": "pin_cpus is off"}
+        if cfg.pin_cpus:
+            from raydistill.engines.cpu_pinning import pin_engine
+
+            self.placement = pin_engine()
+            if not self.placement["pinned"]:
+                log.info("vLLM engine core not pinned: %s", self.placement["why"])
         # As vLLM's own API server does after start-up: move the start-up heap (torch, vLLM, the tokenizer: hundreds of
         # thousands of objects) out of the collector's reach, so a full collection does not walk it (a full pass took
         # 0.3 s on the CPU box over the 480k objects of torch, transformers, ray and this package alone). This

@@ -29,6 +29,14 @@ from raydistill.sandbox import cgroups, launch
 from raydistill.sandbox.channel import AsyncChannel, ChannelClosed, ProtocolViolation, make_pair
 from raydistill.sandbox.proc import Proc, SandboxProcessError
 
+
+def _shared_cpus() -> list[int] | None:
+    """Interpreters started from a process whose vLLM engine is pinned (in-actor sandboxes) keep off the
+    engine's CPUs instead of inheriting the frontend's single CPU."""
+    from raydistill.engines.cpu_pinning import shared_cpus
+
+    return shared_cpus()
+
 log = logging.getLogger("raydistill.sandbox")
 
 FAMILY_UID_BASE = 0x50000000
@@ -76,7 +84,7 @@ class Zygote:
         cfg = self.cfg
         loop = self.hub.loop
         site = launch.module_dirs([*cfg.preload, *cfg.authorized_imports])
-        zcfg = {"sys_path": site, "preload": list(cfg.preload), "nice": cfg.nice,
+        zcfg = {"sys_path": site, "preload": list(cfg.preload), "nice": cfg.nice, "cpus": _shared_cpus(),
                 "warm_imports": [m for m in cfg.authorized_imports if m not in cfg.preload and m != "*"]}
         host, guest = make_pair()
         try:
@@ -509,7 +517,7 @@ class Hub:
     # -- zygotes ---------------------------------------------------------------------------------------
     async def zygote(self, cfg: SandboxConfig) -> Zygote:
         key = (cfg.isolation, cfg.min_isolation, tuple(cfg.preload), tuple(sorted(cfg.authorized_imports)),
-               cfg.zygote_tmp_mb, cfg.nice)
+               cfg.zygote_tmp_mb, cfg.nice, tuple(_shared_cpus() or ()))
         lock = self._zlocks.setdefault(key, asyncio.Lock())
         async with lock:
             z = self.zygotes.get(key)

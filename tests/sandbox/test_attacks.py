@@ -236,6 +236,19 @@ def test_code_runs_niced_and_cannot_raise_its_priority(level):
         assert nices([sb.isolation["pid"]]) == {base}
 
 
+def test_interpreters_keep_off_the_cpus_pinned_for_an_engine(level, monkeypatch):
+    """In-actor sandboxes start from the teacher process, which a pinned vLLM engine confined to one CPU:
+    their interpreters must use the other CPUs, not inherit that one (engines/cpu_pinning)."""
+    n = os.cpu_count()
+    if n < 2:
+        pytest.skip("needs 2 CPUs")
+    monkeypatch.setenv("RAYDISTILL_ENGINE_CPUS", str(n - 1))
+    with make(level) as sb:
+        r = sb.run(OS + "sorted(os.sched_getaffinity(0))")
+        assert r.value == str(list(range(n - 1))), r
+        assert os.sched_getaffinity(sb.isolation["pid"]) == set(range(n - 1))
+
+
 def test_signal_tricks_and_killing_the_parent(level):
     with make(level) as sb:
         info = sb.isolation

@@ -97,6 +97,11 @@ def main() -> None:
         confine.drop_to_uid(uid, gid)
     confine.set_dumpable(False)
     os.nice(int(cfg.get("nice", 0)))
+    if cfg.get("cpus"):  # before any thread starts: every fork inherits it (engines/cpu_pinning.shared_cpus)
+        try:
+            os.sched_setaffinity(0, cfg["cpus"])
+        except OSError:
+            pass
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     chan = Channel(cfg["fd"])
