@@ -2,9 +2,9 @@
 
 With a small model the engine core is CPU-bound: one thread at ~1 core schedules, prepares inputs and hands
 work to its helper threads and to the frontend process (our event loop). Left to the OS scheduler on the
-H200 VM (KVM, 16 vCPUs, no SMT), these hand-offs wander across CPUs: the same engine decoded at 11.3-12.1 ms
-per token against 8.7-9.8 ms with the engine core on one CPU and the frontend on another, the whole stage's
-episode path 17.8k vs 24.3k tokens/s (docs/benchmarks.md, seventh session). The CPUs are taken from the top of
+H200 VM (KVM, 16 vCPUs, no SMT), these hand-offs wander across CPUs: in one run the same engine decoded at
+11.3-12.1 ms per token against 8.7-9.5 ms with the engine core on one CPU and the frontend on another, and the
+stage's episode path made 17.8k vs 24.3k tokens/s (docs/benchmarks.md, seventh session). The CPUs are taken from the top of
 the node's CPUs, one pair per GPU slot, so that engines of one node do not collide without talking to each
 other. The pinned CPUs are published in the frontend's environment so that processes it starts later
 (in-actor sandbox zygotes) keep off them instead of inheriting the frontend's single CPU.
@@ -102,6 +102,8 @@ def pin_engine(frontend: int | None = None, slot: int | None = None) -> dict:
         return {"pinned": False, "why": f"{len(allowed)} CPUs: too few for GPU slot {slot}"}
     if not cores:
         return {"pinned": False, "why": "no vLLM EngineCore process found"}
+    if len(cores) > 1:  # data parallel: one CPU would serialize the engine cores
+        return {"pinned": False, "why": f"{len(cores)} engine core processes (data parallel)"}
     ec, fe = cpus
     threads = sum(set_affinity(p, {ec}) for p in cores) + set_affinity(frontend, {fe})
     if frontend == os.getpid():

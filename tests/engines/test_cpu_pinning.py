@@ -26,21 +26,32 @@ def test_plan_takes_a_pair_per_gpu_slot_from_the_top_and_leaves_most_cpus_shared
     assert plan(range(3), 0) is None and plan(range(2), 0) is None
 
 
-@pytest.fixture
-def frontend():
-    """A frontend process with threads whose child is titled like vLLM's engine core (with threads too)."""
+def spawn_frontend(cores: int = 1) -> subprocess.Popen:
+    """A frontend process with threads whose children are titled like vLLM's engine core (threads too)."""
     child = THREADS + "time.sleep(60)\n"
-    code = THREADS + f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {child!r}, 'VLLM::EngineCore'])\ntime.sleep(60)\n"
+    code = (THREADS + "import subprocess, sys\n"
+            + f"for _ in range({cores}):\n    subprocess.Popen([sys.executable, '-c', {child!r}, 'VLLM::EngineCore'])\n"
+            + "time.sleep(60)\n")
     p = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.monotonic() + 20
-    while not engine_core_pids(p.pid) and time.monotonic() < deadline:
+    while len(engine_core_pids(p.pid)) < cores and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.3)  # the child's threads started
-    yield p
+    time.sleep(0.3)  # the children's threads started
+    return p
+
+
+def stop(p: subprocess.Popen) -> None:
     for c in cpu_pinning.descendants(p.pid):
         subprocess.run(["kill", "-9", str(c)], check=False)
     p.kill()
     p.wait()
+
+
+@pytest.fixture
+def frontend():
+    p = spawn_frontend()
+    yield p
+    stop(p)
 
 
 def affinities(pid: int) -> set[frozenset[int]]:
@@ -66,6 +77,13 @@ def test_pin_engine_says_why_it_did_not_pin(frontend, monkeypatch):
         assert not info["pinned"] and "too few" in info["why"], info
     info = pin_engine(os.getpid(), slot=0)  # no engine core under this process
     assert not info["pinned"]
+    monkeypatch.setattr(cpu_pinning, "plan", lambda allowed, slot: (0, 0))
+    two = spawn_frontend(cores=2)
+    try:
+        info = pin_engine(two.pid, slot=0)
+        assert not info["pinned"] and "data parallel" in info["why"], info
+    finally:
+        stop(two)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert cpu_pinning.gpu_slot() == 3
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1234")
