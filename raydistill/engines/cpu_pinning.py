@@ -81,6 +81,24 @@ def engine_core_pids(frontend: int) -> list[int]:
     return [p for p in descendants(frontend) if "EngineCore" in _cmdline(p)]
 
 
+def _pinned_elsewhere(ours: list[int]) -> set[int]:
+    """CPUs that other engines on this machine hold: their engine cores' and frontends' single CPUs."""
+    taken: set[int] = set()
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) in ours or "EngineCore" not in _cmdline(int(d)):
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                st = f.read()
+            for pid in (int(d), int(st[st.rfind(")") + 2:].split()[1])):
+                cpus = os.sched_getaffinity(pid)
+                if len(cpus) == 1:
+                    taken |= cpus
+        except (OSError, ValueError, IndexError):
+            pass
+    return taken
+
+
 def gpu_slot() -> int:
     """This process's first GPU index on its node (Ray sets CUDA_VISIBLE_DEVICES to physical ids); 0 if unknown."""
     first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
@@ -96,14 +114,18 @@ def pin_engine(frontend: int | None = None, slot: int | None = None) -> dict:
         allowed = os.sched_getaffinity(frontend)
     except OSError as e:
         return {"pinned": False, "why": f"cannot read the CPU set: {e}"}
-    cpus = plan(allowed, slot)
     cores = engine_core_pids(frontend)
-    if cpus is None:
-        return {"pinned": False, "why": f"{len(allowed)} CPUs: too few for GPU slot {slot}"}
     if not cores:
         return {"pinned": False, "why": "no vLLM EngineCore process found"}
     if len(cores) > 1:  # data parallel: one CPU would serialize the engine cores
         return {"pinned": False, "why": f"{len(cores)} engine core processes (data parallel)"}
+    taken = _pinned_elsewhere(cores)
+    first = slot
+    while (cpus := plan(allowed, slot)) is not None and taken & set(cpus):
+        slot += 1  # engines sharing a GPU (fractional num_gpus) share its slot: the next free pair
+    if cpus is None:
+        return {"pinned": False, "why": f"{len(allowed)} CPUs: too few for GPU slot {first}"
+                + (f" with CPUs {sorted(taken)} pinned by other engines" if taken else "")}
     ec, fe = cpus
     threads = sum(set_affinity(p, {ec}) for p in cores) + set_affinity(frontend, {fe})
     if frontend == os.getpid():

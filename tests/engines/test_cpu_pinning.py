@@ -90,6 +90,28 @@ def test_pin_engine_says_why_it_did_not_pin(frontend, monkeypatch):
     assert cpu_pinning.gpu_slot() == 0
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_an_engine_sharing_a_gpu_slot_takes_the_next_free_pair(monkeypatch):
+    """Two engines on one GPU (fractional num_gpus) get the same slot; the second must not pile onto the
+    first one's CPUs."""
+    a, b = sorted(os.sched_getaffinity(0))[-2:]
+    pairs = {0: (b, a), 1: (a, b)}  # slot 1 overlaps slot 0 (this box has 2 CPUs); slot 2: none left
+    monkeypatch.setattr(cpu_pinning, "plan", lambda allowed, slot: pairs.get(slot))
+    one, two = spawn_frontend(), spawn_frontend()
+    try:
+        assert pin_engine(one.pid, slot=0)["pinned"]
+        info = pin_engine(two.pid, slot=0)
+        assert not info["pinned"] and f"CPUs {sorted({a, b})} pinned by other engines" in info["why"], info
+        assert affinities(engine_core_pids(two.pid)[0]) != {frozenset({b})}
+        pairs[1] = (b + 1, b + 2)  # a free pair at the next slot is taken (any CPU ids: plan is faked)
+        monkeypatch.setattr(cpu_pinning, "set_affinity", lambda pid, cpus: 1)
+        info = pin_engine(two.pid, slot=0)
+        assert info["pinned"] and info["engine_core_cpu"] == b + 1, info
+    finally:
+        stop(one)
+        stop(two)
+
+
 def test_shared_cpus_leave_out_the_engines(monkeypatch):
     monkeypatch.delenv(cpu_pinning.ENV, raising=False)
     assert shared_cpus() is None
