@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from raydistill import procfs
 from raydistill.engines.cpu_pinning import engine_core_pids, set_affinity
 
 CLK = os.sysconf("SC_CLK_TCK")
@@ -22,12 +23,6 @@ def _read(path: str) -> str:
         return ""
 
 
-def _stat(path: str) -> list[str]:
-    """Fields of a /proc stat file after the command (so field 0 is the state)."""
-    s = _read(path)
-    return s[s.rfind(")") + 2:].split() if s else []
-
-
 def my_pids() -> list[int]:
     """Processes of this user, kernel threads left out (as root, that is every user-space process)."""
     uid = os.getuid()
@@ -35,7 +30,7 @@ def my_pids() -> list[int]:
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
-                if os.stat(f"/proc/{d}").st_uid == uid and _read(f"/proc/{d}/cmdline"):
+                if os.stat(f"/proc/{d}").st_uid == uid and procfs.cmdline(int(d)):
                     out.append(int(d))
             except OSError:
                 pass
@@ -43,8 +38,7 @@ def my_pids() -> list[int]:
 
 
 def label(pid: int) -> str:
-    cmd = _read(f"/proc/{pid}/cmdline").replace("\0", " ").strip()
-    return cmd[:48] or _read(f"/proc/{pid}/comm").strip()
+    return procfs.cmdline(pid)[:48] or _read(f"/proc/{pid}/comm").strip()
 
 
 def engine_core_pid(frontend: int | None = None) -> int | None:
@@ -57,16 +51,16 @@ def snapshot(engine_core: int | None) -> dict:
     """CPU seconds per process of this user; per thread and involuntary context switches for the engine core."""
     procs = {}
     for p in my_pids():
-        f = _stat(f"/proc/{p}/stat")
-        if len(f) > 13:
+        f = procfs.stat_fields(f"/proc/{p}/stat")
+        if f:
             procs[p] = (int(f[11]) + int(f[12])) / CLK
     ec = {}
     if engine_core:
         for t in os.listdir(f"/proc/{engine_core}/task") if os.path.isdir(f"/proc/{engine_core}/task") else []:
-            f = _stat(f"/proc/{engine_core}/task/{t}/stat")
+            f = procfs.stat_fields(f"/proc/{engine_core}/task/{t}/stat")
             st = _read(f"/proc/{engine_core}/task/{t}/status")
             inv = next((int(x.split()[1]) for x in st.splitlines() if x.startswith("nonvoluntary_ctxt_switches")), 0)
-            if len(f) > 13:
+            if f:
                 ec[int(t)] = ((int(f[11]) + int(f[12])) / CLK, inv, _read(f"/proc/{engine_core}/task/{t}/comm").strip())
     return {"procs": procs, "engine_core": engine_core, "ec": ec}
 

@@ -16,6 +16,8 @@ import logging
 import os
 from collections.abc import Iterable
 
+from raydistill import procfs
+
 log = logging.getLogger(__name__)
 
 ENV = "RAYDISTILL_ENGINE_CPUS"
@@ -49,53 +51,25 @@ def set_affinity(pid: int, cpus: set[int]) -> int:
     return moved
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
-def descendants(pid: int) -> list[int]:
-    parent: dict[int, int] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    s = f.read()
-                parent[int(d)] = int(s[s.rfind(")") + 2:].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    out, todo = [], [pid]
-    while todo:
-        cur = todo.pop()
-        kids = [p for p, pp in parent.items() if pp == cur]
-        out += kids
-        todo += kids
-    return out
-
-
 def engine_core_pids(frontend: int) -> list[int]:
     """vLLM's engine core processes under `frontend`, found by the process title vLLM gives them."""
-    return [p for p in descendants(frontend) if "EngineCore" in _cmdline(p)]
+    return [p for p in procfs.descendants(frontend) if "EngineCore" in procfs.cmdline(p)]
 
 
 def _pinned_elsewhere(ours: list[int]) -> set[int]:
     """CPUs that other engines on this machine hold: their engine cores' and frontends' single CPUs."""
     taken: set[int] = set()
     for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) in ours or "EngineCore" not in _cmdline(int(d)):
+        if not d.isdigit() or int(d) in ours or "EngineCore" not in procfs.cmdline(int(d)):
             continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                st = f.read()
-            for pid in (int(d), int(st[st.rfind(")") + 2:].split()[1])):
+        st = procfs.stat(int(d))
+        for pid in (int(d), st[0]) if st else ():
+            try:
                 cpus = os.sched_getaffinity(pid)
-                if len(cpus) == 1:
-                    taken |= cpus
-        except (OSError, ValueError, IndexError):
-            pass
+            except OSError:
+                continue
+            if len(cpus) == 1:
+                taken |= cpus
     return taken
 
 

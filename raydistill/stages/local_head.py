@@ -33,6 +33,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
 
+from raydistill import procfs
+
 RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]  # the venv's Ray, whether or not `ray` is on PATH
 
 
@@ -43,19 +45,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stat(pid: int) -> tuple[int, int, str] | None:
-    """(ppid, start time in clock ticks, state) of a live process; None when gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid ... starttime is field 22
-    return int(fields[1]), int(fields[19]), fields[0]
-
-
 def pid_alive(pid: int, start: int) -> bool:
     """Whether `pid` still runs and is the process that started at `start` (not a reused pid, not a zombie)."""
-    st = _stat(pid)
+    st = procfs.stat(pid)
     return st is not None and st[1] == start and st[2] not in ("Z", "X")
 
 
@@ -235,7 +227,7 @@ class LocalRayHead:
         stats = {}
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit() and int(entry.name) != os.getpid():
-                st = _stat(int(entry.name))
+                st = procfs.stat(int(entry.name))
                 if st is not None and st[2] not in ("Z", "X"):
                     stats[int(entry.name)] = st
         own: set[int] = set()

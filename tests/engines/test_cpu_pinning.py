@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from raydistill import procfs
 from raydistill.engines import cpu_pinning
 from raydistill.engines.cpu_pinning import engine_core_pids, pin_engine, plan, shared_cpus
 
@@ -41,7 +42,7 @@ def spawn_frontend(cores: int = 1) -> subprocess.Popen:
 
 
 def stop(p: subprocess.Popen) -> None:
-    for c in cpu_pinning.descendants(p.pid):
+    for c in procfs.descendants(p.pid):
         subprocess.run(["kill", "-9", str(c)], check=False)
     p.kill()
     p.wait()

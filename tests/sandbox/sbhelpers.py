@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import shutil
+
+from raydistill import procfs
 
 # The level that must be used where it works (bubblewrap), and the fallback forced explicitly.
 LEVELS = (["bwrap"] if shutil.which("bwrap") else []) + ["seccomp"]
@@ -18,34 +19,6 @@ def real_import(name):
 '''
 
 
-def descendants(pid: int) -> list[int]:
-    """Host pids of every live descendant of `pid` (host /proc view)."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data.rsplit(")", 1)[1].split()
-        if fields[0] == "Z":
-            continue
-        children.setdefault(int(fields[1]), []).append(int(name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), ()):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    st = procfs.stat(pid) if pid is not None else None
+    return st is not None and st[2] != "Z"

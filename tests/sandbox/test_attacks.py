@@ -10,8 +10,9 @@ import subprocess
 import time
 
 import pytest
-from sbhelpers import LEVELS, REAL_IMPORT, alive, descendants
+from sbhelpers import LEVELS, REAL_IMPORT, alive
 
+from raydistill.procfs import descendants
 from raydistill.sandbox import Sandbox
 
 OS = REAL_IMPORT + "os = real_import('os')\n"
